@@ -1,0 +1,34 @@
+"""mamba-scan: Mamba's selective scan and the kernels around it, for PyTorch.
+
+``from mamba_scan import selective_scan_fn`` is a drop-in for
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
+"""
+
+from . import _native
+from ._native import (
+    CompileError,
+    CudaError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    LibraryError,
+    ShapeError,
+)
+from .ops.selective_scan import SelectiveScanFn, selective_scan_fn
+from .reference import selective_scan_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompileError",
+    "CudaError",
+    "DTypeError",
+    "DeviceError",
+    "LayoutError",
+    "LibraryError",
+    "SelectiveScanFn",
+    "ShapeError",
+    "_native",
+    "selective_scan_fn",
+    "selective_scan_ref",
+]

@@ -1,0 +1,185 @@
+"""selective_scan_fn: mamba_ssm's API on mamba-scan's kernels (CPU and CUDA)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .._boundary import (
+    capsule,
+    chunk_size_for,
+    last_contiguous,
+    require_tensor,
+    stream_of,
+    weight_dtype,
+)
+from .._native import ShapeError
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    for name, x, opt in (
+        ("u", u, False),
+        ("delta", delta, False),
+        ("A", A, False),
+        ("B", B, False),
+        ("C", C, False),
+        ("D", D, True),
+        ("z", z, True),
+        ("delta_bias", delta_bias, True),
+        ("initial_state", initial_state, True),
+    ):
+        require_tensor(x, name, opt)
+    if A.is_complex() or B.is_complex() or C.is_complex():
+        raise NotImplementedError(
+            "mamba_scan: complex A/B/C are not supported yet (real-valued Mamba only)"
+        )
+    if u.dim() != 3:
+        raise ShapeError(f"u: must have shape (batch, dim, seqlen); got {tuple(u.shape)}")
+    if A.dim() != 2:
+        raise ShapeError(f"A: must have shape (dim, dstate); got {tuple(A.shape)}")
+    u, delta, B, C, z = (last_contiguous(x) for x in (u, delta, B, C, z))
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    return u, delta, A, B, C, D, z, delta_bias, initial_state
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    batch, dim, seqlen = u.shape
+    chunk = chunk_size_for(u)
+    n_chunks = max(1, -(-seqlen // chunk))
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    states = torch.empty(
+        (batch, dim, n_chunks, A.shape[1]), dtype=weight_dtype(u), device=u.device
+    )
+    _native.scan_fwd(
+        capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
+        capsule(z), capsule(delta_bias), capsule(initial_state), capsule(out),
+        capsule(states), bool(delta_softplus), chunk, stream_of(u),
+    )  # fmt: skip
+    return out, states
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd Function over the fused kernels. Saves only the inputs and one state per chunk;
+    the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(
+        ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+        initial_state,
+    ):  # fmt: skip
+        u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
+            u, delta, A, B, C, D, z, delta_bias, initial_state
+        )
+        out, states = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.has_initial_state = initial_state is not None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
+        last_state = states[:, :, -1].clone() if return_last_state else None
+        if last_state is None:
+            return out
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
+        dlast = rest[0] if rest else None
+        if dout is None:
+            dout = torch.zeros_like(u)
+        dout = last_contiguous(dout)
+        if dlast is not None:
+            dlast = dlast.contiguous()
+        du = torch.empty_like(u, memory_format=torch.contiguous_format)
+        ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
+        dA = torch.empty_like(A)
+        dB = torch.empty_like(B)
+        dC = torch.empty_like(C)
+        dD = torch.empty_like(D) if D is not None else None
+        dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
+        ddelta_bias = torch.empty_like(delta_bias) if delta_bias is not None else None
+        dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+        _native.scan_bwd(
+            capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
+            capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
+            capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
+            capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
+            capsule(dh0), ctx.delta_softplus, states_chunk(u, states), stream_of(u),
+        )  # fmt: skip
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
+
+
+def states_chunk(u: torch.Tensor, states: torch.Tensor) -> int:
+    return chunk_size_for(u)
+
+
+def _numpy_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                   initial_state):  # fmt: skip
+    import numpy as np
+
+    def cap(x):
+        if x is None:
+            return None
+        x = np.asarray(x)
+        if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+            x = np.ascontiguousarray(x)
+        return x
+
+    u, delta, A, B, C, D, z, delta_bias, initial_state = (
+        cap(x) for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
+    if u.ndim != 3 or A.ndim != 2:
+        raise ShapeError("u: must have shape (batch, dim, seqlen) and A (dim, dstate)")
+    chunk = _native.cpu_chunk_size()
+    batch, dim, seqlen = u.shape
+    wd = np.float64 if u.dtype == np.float64 else np.float32
+    out = np.empty_like(u)
+    states = np.empty((batch, dim, max(1, -(-seqlen // chunk)), A.shape[1]), dtype=wd)
+    keep = [x for x in (u, delta, A, B, C, D, z, delta_bias, initial_state) if x is not None]
+    caps = [None if x is None else x.__dlpack__() for x in
+            (u, delta, A, B, C, D, z, delta_bias, initial_state, out, states)]  # fmt: skip
+    _native.scan_fwd(*caps, bool(delta_softplus), chunk, 0)
+    del keep
+    if return_last_state:
+        return out, states[:, :, -1].copy()
+    return out
+
+
+def selective_scan_fn(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+):
+    """Selective scan with mamba_ssm 2.3.2's semantics (see ``selective_scan_ref``).
+
+    Args:
+        u, delta: (batch, dim, seqlen), float32 / float16 / bfloat16 (float64 on the CPU).
+        A: (dim, dstate) float32.
+        B, C: (dim, dstate) float32, or (batch, dstate, seqlen) / (batch, ngroups, dstate,
+            seqlen) in u's dtype.
+        D, delta_bias: (dim,) float32, optional.
+        z: (batch, dim, seqlen), optional; gates the output by silu(z).
+        delta_softplus: apply softplus to delta (after adding delta_bias).
+        return_last_state: also return the final state (batch, dim, dstate) float32.
+        initial_state: (batch, dim, dstate) float32, the state before step 0 (mamba-scan
+            extension). Gradients flow to it, and from last_state when the caller uses it.
+
+    numpy arrays (CPU, forward only) are accepted too and give numpy results.
+    """
+    if not isinstance(u, torch.Tensor) and hasattr(u, "__array_interface__"):
+        return _numpy_forward(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+        )
+    return SelectiveScanFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+    )

@@ -1,0 +1,110 @@
+"""Pure-PyTorch references: the oracle of the tests and the documentation of the semantics.
+
+Shapes follow mamba_ssm: ``u, delta, z: (batch, dim, seqlen)``; ``A: (dim, dstate)``;
+``B, C``: fixed ``(dim, dstate)``, variable ``(batch, dstate, seqlen)`` or grouped
+``(batch, ngroups, dstate, seqlen)`` (channel ``d`` uses group ``d // (dim // ngroups)``);
+``D, delta_bias: (dim,)``; ``initial_state, last_state: (batch, dim, dstate)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_groups(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """(batch, ngroups, dstate, L) -> (batch, dim, dstate, L); (batch, dstate, L) -> same."""
+    if X.dim() == 4:
+        return X.repeat_interleave(dim // X.shape[1], dim=1)
+    return X
+
+
+def selective_scan_ref(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+):
+    """Reference selective scan, step by step.
+
+    ``delta += delta_bias``; ``delta = softplus(delta)`` if ``delta_softplus``;
+    ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` (``h_{-1} = initial_state`` or 0);
+    ``y_t = C_t . h_t``; ``out = y + D u``; ``out *= silu(z)`` if ``z`` is given.
+    Computes in float32 (float64 when ``u`` is float64); returns ``out`` in ``u``'s dtype, and
+    ``last_state`` (float32/float64) when ``return_last_state``.
+    """
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported yet")
+    dtype_in = u.dtype
+    ct = torch.float64 if dtype_in == torch.float64 else torch.float32
+    u = u.to(ct)
+    delta = delta.to(ct)
+    A = A.to(ct)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(ct)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    var_b, var_c = B.dim() >= 3, C.dim() >= 3
+    B = _expand_groups(B.to(ct), dim)
+    C = _expand_groups(C.to(ct), dim)
+    if initial_state is not None:
+        x = initial_state.to(ct)
+    else:
+        x = u.new_zeros((batch, dim, dstate))
+    ys = []
+    for i in range(L):
+        dA = torch.exp(delta[:, :, i, None] * A)
+        if not var_b:
+            bi = B
+        elif B.dim() == 3:
+            bi = B[:, None, :, i]
+        else:
+            bi = B[:, :, :, i]
+        x = dA * x + (delta[:, :, i] * u[:, :, i])[..., None] * bi
+        if not var_c:
+            ci = C
+        elif C.dim() == 3:
+            ci = C[:, None, :, i]
+        else:
+            ci = C[:, :, :, i]
+        ys.append((x * ci).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
+    out = y if D is None else y + u * D.to(ct)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    out = out.to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+def selective_scan_slow_path(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The transformers-style slow path (MambaMixer.slow_forward): materialise exp(A dt) and
+    dt B u as (batch, dim, seqlen, dstate) tensors, then loop over seqlen. Used by the benchmarks
+    as the baseline that CPU users have today. Variable (batch, dstate, seqlen) B/C only."""
+    dtype_in = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    discrete_A = torch.exp(A[None, :, None, :].float() * delta[:, :, :, None])
+    deltaB_u = delta[:, :, :, None] * B[:, None, :, :].float().transpose(-1, -2) * u[:, :, :, None]
+    x = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32)
+    ys = []
+    for i in range(u.shape[2]):
+        x = discrete_A[:, :, i, :] * x + deltaB_u[:, :, i, :]
+        ys.append(torch.matmul(x, C[:, :, i, None].float()))
+    y = torch.stack(ys, dim=-1)[:, :, 0, :]
+    y = y + u * D[None, :, None] if D is not None else y
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)

@@ -1,0 +1,261 @@
+//! The Python module `mamba_scan._native`. Only conversion lives here: capsules become checked
+//! views (dlpack.rs, check.rs), the kernels (cpu/, cuda/) run with the GIL released, and
+//! `ScanError`s become typed Python exceptions.
+
+pub mod check;
+pub mod cpu;
+pub mod dlpack;
+pub mod error;
+pub mod params;
+
+use check::{BwdArgs, FwdArgs, FwdOut, Plan};
+use dlpack::{Device, TensorView};
+use error::ScanError;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+create_exception!(_native, ShapeError, PyValueError, "A tensor argument has the wrong shape.");
+create_exception!(_native, DTypeError, PyTypeError, "A tensor argument has the wrong dtype.");
+create_exception!(_native, DeviceError, PyValueError, "Tensors on different or unsupported devices.");
+create_exception!(_native, LayoutError, PyValueError, "A tensor's strides cannot be addressed.");
+create_exception!(_native, CudaError, PyRuntimeError, "A CUDA driver call failed.");
+create_exception!(_native, CompileError, CudaError, "NVRTC could not compile a kernel.");
+create_exception!(_native, LibraryError, PyRuntimeError, "libcuda or libnvrtc could not be loaded.");
+
+impl From<ScanError> for PyErr {
+    fn from(e: ScanError) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            ScanError::Shape { .. } => ShapeError::new_err(msg),
+            ScanError::DType { .. } => DTypeError::new_err(msg),
+            ScanError::Device { .. } => DeviceError::new_err(msg),
+            ScanError::Layout { .. } => LayoutError::new_err(msg),
+            ScanError::NotImplemented(_) => PyNotImplementedError::new_err(msg),
+            ScanError::Cuda { .. } => CudaError::new_err(msg),
+            ScanError::Compile { .. } => CompileError::new_err(msg),
+            ScanError::Library(_) => LibraryError::new_err(msg),
+        }
+    }
+}
+
+fn view(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<TensorView> {
+    // SAFETY: `obj` is a live object borrowed under the GIL for the duration of this call.
+    Ok(unsafe { dlpack::view_from_capsule(obj.as_ptr(), arg) }?)
+}
+
+fn opt_view(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<TensorView>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) => view(o, arg).map(Some),
+    }
+}
+
+/// Run `f` without the GIL, turning a panic into a RuntimeError (a panic must never reach Python
+/// as PanicException, which `except Exception` does not catch).
+fn run_detached<F>(py: Python<'_>, f: F) -> PyResult<()>
+where
+    F: FnOnce() -> Result<(), ScanError> + Send,
+{
+    let r = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!("mamba_scan internal error: {msg}")))
+        }
+    }
+}
+
+fn dispatch_forward(plan: Plan, _stream: u64) -> Result<(), ScanError> {
+    match plan.device {
+        // SAFETY: plan_forward validated every tensor; the shim keeps them alive and gives
+        // fresh outputs.
+        Device::Cpu => unsafe { cpu::scan_fwd::forward(&plan) },
+        Device::Cuda(_) => {
+            return Err(ScanError::Device {
+                arg: "u".into(),
+                msg: "CUDA tensors are not supported by this build".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn dispatch_backward(plan: Plan, _stream: u64) -> Result<(), ScanError> {
+    match plan.device {
+        // SAFETY: as for the forward.
+        Device::Cpu => unsafe { cpu::scan_bwd::backward(&plan) },
+        Device::Cuda(_) => {
+            return Err(ScanError::Device {
+                arg: "u".into(),
+                msg: "CUDA tensors are not supported by this build".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Forward selective scan. Every tensor argument is a DLPack capsule (or None for an optional
+/// one). Writes `out` (batch, dim, seqlen) and `states` (batch, dim, n_chunks, dstate).
+#[pyfunction]
+#[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, out, states, delta_softplus, chunk_size, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn scan_fwd(
+    py: Python<'_>,
+    u: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    c: &Bound<'_, PyAny>,
+    d: Option<&Bound<'_, PyAny>>,
+    z: Option<&Bound<'_, PyAny>>,
+    delta_bias: Option<&Bound<'_, PyAny>>,
+    initial_state: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    states: &Bound<'_, PyAny>,
+    delta_softplus: bool,
+    chunk_size: i32,
+    stream: u64,
+) -> PyResult<()> {
+    let (u, delta, a, b, c) = (view(u, "u")?, view(delta, "delta")?, view(a, "A")?, view(b, "B")?, view(c, "C")?);
+    let (d, z) = (opt_view(d, "D")?, opt_view(z, "z")?);
+    let (bias, h0) = (opt_view(delta_bias, "delta_bias")?, opt_view(initial_state, "initial_state")?);
+    let (out, states) = (view(out, "out")?, view(states, "states")?);
+    let args = FwdArgs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        b: &b,
+        c: &c,
+        d: d.as_ref(),
+        z: z.as_ref(),
+        delta_bias: bias.as_ref(),
+        initial_state: h0.as_ref(),
+        delta_softplus,
+        chunk_size,
+    };
+    let plan = check::plan_forward(&args, Some(&FwdOut { out: &out, states: &states }))?;
+    run_detached(py, move || dispatch_forward(plan, stream))
+}
+
+/// Backward selective scan: recomputes from `states` and writes every gradient.
+#[pyfunction]
+#[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, states, dout, dlast_state,
+                    du, ddelta, da, db, dc, dd, dz, ddelta_bias, dinitial_state,
+                    delta_softplus, chunk_size, stream=0))]
+#[allow(clippy::too_many_arguments)]
+fn scan_bwd(
+    py: Python<'_>,
+    u: &Bound<'_, PyAny>,
+    delta: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    c: &Bound<'_, PyAny>,
+    d: Option<&Bound<'_, PyAny>>,
+    z: Option<&Bound<'_, PyAny>>,
+    delta_bias: Option<&Bound<'_, PyAny>>,
+    initial_state: Option<&Bound<'_, PyAny>>,
+    states: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    dlast_state: Option<&Bound<'_, PyAny>>,
+    du: &Bound<'_, PyAny>,
+    ddelta: &Bound<'_, PyAny>,
+    da: &Bound<'_, PyAny>,
+    db: &Bound<'_, PyAny>,
+    dc: &Bound<'_, PyAny>,
+    dd: Option<&Bound<'_, PyAny>>,
+    dz: Option<&Bound<'_, PyAny>>,
+    ddelta_bias: Option<&Bound<'_, PyAny>>,
+    dinitial_state: Option<&Bound<'_, PyAny>>,
+    delta_softplus: bool,
+    chunk_size: i32,
+    stream: u64,
+) -> PyResult<()> {
+    let (u, delta, a, b, c) = (view(u, "u")?, view(delta, "delta")?, view(a, "A")?, view(b, "B")?, view(c, "C")?);
+    let (d, z) = (opt_view(d, "D")?, opt_view(z, "z")?);
+    let (bias, h0) = (opt_view(delta_bias, "delta_bias")?, opt_view(initial_state, "initial_state")?);
+    let (states, dout, dlast) = (view(states, "states")?, view(dout, "dout")?, opt_view(dlast_state, "dlast_state")?);
+    let (du, ddelta, da, db, dc) = (view(du, "du")?, view(ddelta, "ddelta")?, view(da, "dA")?, view(db, "dB")?, view(dc, "dC")?);
+    let (dd, dz, dbias, dh0) = (
+        opt_view(dd, "dD")?,
+        opt_view(dz, "dz")?,
+        opt_view(ddelta_bias, "ddelta_bias")?,
+        opt_view(dinitial_state, "dinitial_state")?,
+    );
+    let args = FwdArgs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        b: &b,
+        c: &c,
+        d: d.as_ref(),
+        z: z.as_ref(),
+        delta_bias: bias.as_ref(),
+        initial_state: h0.as_ref(),
+        delta_softplus,
+        chunk_size,
+    };
+    let grads = BwdArgs {
+        states: &states,
+        dout: &dout,
+        dlast_state: dlast.as_ref(),
+        du: &du,
+        ddelta: &ddelta,
+        da: &da,
+        db: &db,
+        dc: &dc,
+        dd: dd.as_ref(),
+        dz: dz.as_ref(),
+        ddelta_bias: dbias.as_ref(),
+        dinitial_state: dh0.as_ref(),
+    };
+    let plan = check::plan_backward(&args, &grads)?;
+    run_detached(py, move || dispatch_backward(plan, stream))
+}
+
+/// Steps per saved state on the CPU path.
+#[pyfunction]
+fn cpu_chunk_size() -> i32 {
+    cpu::CPU_CHUNK
+}
+
+/// The instruction set the CPU kernels dispatched to ("avx512", "avx2" or "baseline").
+#[pyfunction]
+fn cpu_isa() -> &'static str {
+    match cpu::isa() {
+        cpu::Isa::Avx512 => "avx512",
+        cpu::Isa::Avx2 => "avx2",
+        cpu::Isa::Baseline => "baseline",
+    }
+}
+
+#[pyfunction]
+fn cpu_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    cpu::install_fork_handler();
+    m.add_function(wrap_pyfunction!(scan_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
+    let py = m.py();
+    m.add("ShapeError", py.get_type::<ShapeError>())?;
+    m.add("DTypeError", py.get_type::<DTypeError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("LayoutError", py.get_type::<LayoutError>())?;
+    m.add("CudaError", py.get_type::<CudaError>())?;
+    m.add("CompileError", py.get_type::<CompileError>())?;
+    m.add("LibraryError", py.get_type::<LibraryError>())?;
+    Ok(())
+}
