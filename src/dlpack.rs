@@ -78,6 +78,9 @@ impl TensorView {
     /// Require stride 1 in the last dimension (ignored when it has size <= 1).
     pub fn require_last_contiguous(&self, arg: &str) -> Result<(), ScanError> {
         let n = self.ndim();
+        if self.numel() == 0 {
+            return Ok(());
+        }
         if n > 0 && self.shape[n - 1] > 1 && self.strides[n - 1] != 1 {
             return Err(layout_err(
                 arg,
@@ -88,6 +91,9 @@ impl TensorView {
     }
     /// Require a dense row-major layout (size-1 dimensions ignored).
     pub fn require_contiguous(&self, arg: &str) -> Result<(), ScanError> {
+        if self.numel() == 0 {
+            return Ok(());
+        }
         let mut expect = 1i64;
         for i in (0..self.ndim()).rev() {
             if self.shape[i] != 1 && self.strides[i] != expect {

@@ -53,3 +53,24 @@ def last_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def weight_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+# Tests set this to fill every output with NaN before the kernel runs, so that an element the
+# kernel fails to write shows up as NaN instead of as stale memory that happens to be right.
+POISON_OUTPUTS = False
+
+
+def new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Output allocation (torch's caching allocator): like ``x`` (strides kept when ``x`` is
+    dense), optionally in another dtype; NaN-filled when POISON_OUTPUTS is set."""
+    t = torch.empty_like(x, dtype=dtype)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
+def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t

@@ -46,6 +46,12 @@ pub trait Real:
     /// Accurate exp and log1p for the per-step (not per-state) work.
     fn exp(self) -> Self;
     fn ln_1p(self) -> Self;
+    /// softplus with torch's threshold rule (x for x > 20); vectorisable for f32.
+    fn softplus(self) -> Self;
+    /// 2^x on the hot path; `FMA` selects fused multiply-adds (only in kernels compiled with
+    /// the fma target feature, where they are single instructions).
+    fn fexp2<const FMA: bool>(self) -> Self;
+    fn fma(self, b: Self, c: Self) -> Self;
     /// Load `dst.len()` contiguous elements of `dtype` at `ptr`, converting.
     ///
     /// # Safety
@@ -88,6 +94,72 @@ pub fn exp_f32(x: f32) -> f32 {
     if x < -88.0 { 0.0 } else { out }
 }
 
+/// a * b + c, fused when the kernel is compiled with FMA.
+#[inline(always)]
+pub fn madd<R: Real, const FMA: bool>(a: R, b: R, c: R) -> R {
+    if FMA { a.fma(b, c) } else { a * b + c }
+}
+
+/// 2^y for f32 without branches, for the scan's decay exp(dt A) = 2^(dt A log2 e) with A
+/// pre-scaled by log2 e once per channel (one multiply fewer per state and step). y = k + f with
+/// k = round(y), f in [-1/2, 1/2] exact; Cephes' degree-6 exp2f polynomial (~1 ulp on top of
+/// the rounding of y, which the fp32 reference's exp(dt * A) shares). Flushes below 2^-126.
+#[inline(always)]
+pub fn exp2_f32<const FMA: bool>(y: f32) -> f32 {
+    let yc = if y < -127.0 { -127.0 } else if y > 128.0 { 128.0 } else { y };
+    let r = yc + ROUND_MAGIC;
+    let kf = r - ROUND_MAGIC;
+    let ki = (r.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let f = yc - kf;
+    let mut p = 1.535_336_2e-4f32;
+    p = madd::<f32, FMA>(p, f, 1.339_887_4e-3);
+    p = madd::<f32, FMA>(p, f, 9.618_437_4e-3);
+    p = madd::<f32, FMA>(p, f, 5.550_332_5e-2);
+    p = madd::<f32, FMA>(p, f, 2.402_264_8e-1);
+    p = madd::<f32, FMA>(p, f, 6.931_472e-1);
+    p = madd::<f32, FMA>(p, f, 1.0);
+    // k = -127 gives a zero scale (flush), k = 128 gives +inf.
+    p * f32::from_bits((ki.wrapping_add(127) << 23) as u32)
+}
+
+/// ln(x) for positive normal f32 without branches (Cephes' logf polynomial, ~1 ulp).
+#[inline(always)]
+pub fn ln_f32(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x807f_ffff) | 0x3f00_0000); // in [0.5, 1)
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    e = if small { e - 1 } else { e };
+    let x = if small { m + m - 1.0 } else { m - 1.0 };
+    let ef = e as f32;
+    let z = x * x;
+    let mut y = 7.037_683_6e-2f32;
+    y = y * x - 1.151_461_1e-1;
+    y = y * x + 1.167_699_9e-1;
+    y = y * x - 1.242_014_1e-1;
+    y = y * x + 1.424_932_3e-1;
+    y = y * x - 1.666_805_8e-1;
+    y = y * x + 2.000_071_4e-1;
+    y = y * x - 2.499_999_4e-1;
+    y = y * x + 3.333_333_1e-1;
+    y = y * x * z;
+    y = y + -2.121_944_4e-4 * ef;
+    y = y + -0.5 * z;
+    (x + y) + 0.693_359_4 * ef
+}
+
+/// softplus(x) = ln(1 + e^x), x for x > 20 (torch's threshold), branch-free for SIMD. ln(1+y) is
+/// computed as ln(w) * y / (w - 1) with w = 1 + y, which cancels the rounding of w.
+#[inline(always)]
+pub fn softplus_f32(x: f32) -> f32 {
+    let y = exp_f32(if x > 20.0 { 20.0 } else { x });
+    let w = 1.0 + y;
+    let den = w - 1.0;
+    let l = ln_f32(w) * (y / if den == 0.0 { 1.0 } else { den });
+    let l = if den == 0.0 { y } else { l };
+    if x > 20.0 { x } else { l }
+}
+
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
@@ -102,6 +174,18 @@ impl Real for f32 {
     #[inline(always)]
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    #[inline(always)]
+    fn softplus(self) -> Self {
+        softplus_f32(self)
+    }
+    #[inline(always)]
+    fn fexp2<const FMA: bool>(self) -> Self {
+        exp2_f32::<FMA>(self)
+    }
+    #[inline(always)]
+    fn fma(self, b: Self, c: Self) -> Self {
+        self.mul_add(b, c)
     }
     #[inline(always)]
     fn ln_1p(self) -> Self {
@@ -158,6 +242,18 @@ impl Real for f64 {
     #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    #[inline(always)]
+    fn softplus(self) -> Self {
+        if self > 20.0 { self } else { self.exp().ln_1p() }
+    }
+    #[inline(always)]
+    fn fexp2<const FMA: bool>(self) -> Self {
+        self.exp2()
+    }
+    #[inline(always)]
+    fn fma(self, b: Self, c: Self) -> Self {
+        self.mul_add(b, c)
     }
     #[inline(always)]
     fn ln_1p(self) -> Self {
@@ -221,15 +317,9 @@ pub fn addr(base: u64, off: i64, dtype: DType) -> *mut u8 {
     (base as i64 + off * dtype.size() as i64) as *mut u8
 }
 
-/// softplus with torch's threshold rule: x for x > 20.
-#[inline(always)]
-pub fn softplus<R: Real>(x: R) -> R {
-    if x > R::from_f64(20.0) { x } else { x.exp().ln_1p() }
-}
-
 #[inline(always)]
 pub fn sigmoid<R: Real>(x: R) -> R {
-    R::ONE / (R::ONE + (-x).exp())
+    R::ONE / (R::ONE + (-x).fexp())
 }
 
 /// Instruction sets the kernels are compiled for.
@@ -328,6 +418,52 @@ mod tests {
             x += 0.001_37;
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn softplus_matches_libm() {
+        let mut worst = 0.0f64;
+        let mut x = -30.0f32;
+        while x < 30.0 {
+            let got = softplus_f32(x) as f64;
+            let xd = x as f64;
+            let want = if xd > 20.0 { xd } else { xd.exp().ln_1p() };
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_97;
+        }
+        assert!(worst < 6e-7, "worst relative error {worst}");
+        assert!(softplus_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn ln_matches_libm() {
+        let mut worst = 0.0f64;
+        let mut v = 1.0e-30f32;
+        while v < 1.0e30 {
+            let got = ln_f32(v) as f64;
+            let want = (v as f64).ln();
+            worst = worst.max((got - want).abs() / want.abs().max(1.0));
+            v *= 1.001_3;
+        }
+        assert!(worst < 3e-7, "worst error {worst}");
+    }
+
+    #[test]
+    fn exp2_matches_libm() {
+        for fma in [false, true] {
+            let mut worst = 0.0f64;
+            let mut y = -126.0f32;
+            while y < 127.0 {
+                let got = if fma { exp2_f32::<true>(y) } else { exp2_f32::<false>(y) } as f64;
+                let want = (y as f64).exp2();
+                worst = worst.max(((got - want) / want).abs());
+                y += 0.001_37;
+            }
+            assert!(worst < 3e-7, "worst relative error {worst}");
+        }
+        assert!(exp2_f32::<false>(f32::NAN).is_nan());
+        assert_eq!(exp2_f32::<false>(-1000.0), 0.0);
+        assert_eq!(exp2_f32::<false>(1000.0), f32::INFINITY);
     }
 
     #[test]

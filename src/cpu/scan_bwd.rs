@@ -7,8 +7,11 @@
 //! dD, ddelta_bias, fixed dB/dC) go to per-(batch, channel) slots. A second pass adds the partials
 //! in a fixed order. The result is bitwise identical across runs and thread counts.
 
-use super::scan_fwd::{blk, blk_mut, hsum, load_a, load_bc, load_initial, load_scalar, load_steps, padded, state_off};
-use super::{Real, W, addr, par_for, sigmoid};
+use super::scan_fwd::{
+    Block, CB, ChanState, MAX_NB, blk, blk_mut, blocks, hsum, isa_variants, load_bc, load_initial, load_steps,
+    padded, state_off,
+};
+use super::{Real, W, addr, madd, par_for, sigmoid};
 use crate::check::Plan;
 use crate::dlpack::DType;
 use crate::params::SsmParams;
@@ -34,9 +37,14 @@ pub(crate) struct BwdScratch<R> {
     da: Vec<R>,
     dbt: Vec<R>,
     dct: Vec<R>,
-    a: Vec<R>,
     h0: Vec<R>,
+    cs: ChanState<R>,
     g: Vec<R>,
+    acc_a: Vec<R>,
+    acc_b: Vec<R>,
+    acc_c: Vec<R>,
+    dd: [R; CB],
+    dbias: [R; CB],
 }
 
 impl<R: Real> BwdScratch<R> {
@@ -60,42 +68,16 @@ impl<R: Real> BwdScratch<R> {
             da: z(chunk * np),
             dbt: z(chunk * np),
             dct: z(chunk * np),
-            a: z(np),
             h0: z(np),
-            g: z(np),
+            cs: ChanState::new(np),
+            g: z(CB * np),
+            acc_a: z(CB * np),
+            acc_b: z(CB * np),
+            acc_c: z(CB * np),
+            dd: [R::ZERO; CB],
+            dbias: [R::ZERO; CB],
         }
     }
-}
-
-/// A run of channels [d0, d1) inside one B group and one C group.
-#[derive(Clone, Copy, Debug)]
-struct Block {
-    d0: usize,
-    d1: usize,
-    gb: usize,
-    gc: usize,
-}
-
-/// Cut [0, dim) at every B-group and C-group boundary, then each piece into at most `parts`
-/// sub-blocks. Depends on the shapes only, never on the thread count.
-fn blocks(p: &SsmParams, parts: usize) -> Vec<Block> {
-    let dim = p.dim as usize;
-    let sb = dim / p.b_ngroups as usize;
-    let sc = dim / p.c_ngroups as usize;
-    let mut cuts: Vec<usize> = (0..=dim).filter(|d| d % sb == 0 || d % sc == 0 || *d == dim).collect();
-    cuts.dedup();
-    let mut out = Vec::new();
-    for w in cuts.windows(2) {
-        let (s0, s1) = (w[0], w[1]);
-        let per = (s1 - s0).div_ceil(parts).max(1);
-        let mut d = s0;
-        while d < s1 {
-            let e = (d + per).min(s1);
-            out.push(Block { d0: d, d1: e, gb: d / sb, gc: d / sc });
-            d = e;
-        }
-    }
-    out
 }
 
 /// Slots per (batch, channel) in the per-channel workspace: dA, fixed dB, fixed dC (dstate each),
@@ -104,22 +86,153 @@ fn chan_slots(n: usize) -> usize {
     3 * n + 2
 }
 
-/// Backward of one channel: writes du, ddelta, dz, dinitial_state rows; adds variable dB/dC into
-/// this block's partial rows (`pb`, `pc`: dstate x seqlen, or null); writes per-channel sums.
+/// Recompute one chunk of channel j from its start state `s.h0`: h_t (into `hs`), the decays
+/// exp(dt_t A) (into `da`) and y_t. Then run the chunk in reverse, accumulating every gradient.
+#[inline(always)]
+fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FMA: bool>(
+    nb: usize,
+    len: usize,
+    j: usize,
+    s: &mut BwdScratch<R>,
+    has_z: bool,
+) {
+    let nb = if NB <= 2 { NB } else { nb.min(NB) };
+    let np = nb * W;
+    let o = j * np;
+    let ln2 = R::from_f64(std::f64::consts::LN_2);
+    let mut ar = [[R::ZERO; W]; NB];
+    let mut au = [[R::ZERO; W]; NB];
+    let mut bfr = [[R::ZERO; W]; NB];
+    let mut cfr = [[R::ZERO; W]; NB];
+    let mut hr = [[R::ZERO; W]; NB];
+    for k in 0..nb {
+        ar[k] = *blk(&s.cs.a2, o + k * W);
+        for l in 0..W {
+            au[k][l] = ar[k][l] * ln2;
+        }
+        bfr[k] = *blk(&s.cs.bf, o + k * W);
+        cfr[k] = *blk(&s.cs.cf, o + k * W);
+        hr[k] = *blk(&s.h0, k * W);
+    }
+    // Recompute.
+    for t in 0..len {
+        let dtv = s.dt[t];
+        let dtu = dtv * s.u[t];
+        let mut acc = [R::ZERO; W];
+        for k in 0..nb {
+            let bb = if VB { blk(&s.bt, t * np + k * W) } else { &bfr[k] };
+            let cb = if VC { blk(&s.ct, t * np + k * W) } else { &cfr[k] };
+            let dab = blk_mut(&mut s.da, t * np + k * W);
+            for l in 0..W {
+                let e = (dtv * ar[k][l]).fexp2::<FMA>();
+                dab[l] = e;
+                hr[k][l] = madd::<R, FMA>(e, hr[k][l], dtu * bb[l]);
+                acc[l] = madd::<R, FMA>(cb[l], hr[k][l], acc[l]);
+            }
+            *blk_mut(&mut s.hs, t * np + k * W) = hr[k];
+        }
+        s.y[t] = hsum(&acc);
+    }
+    // Gating and the D skip.
+    let dval = s.cs.dval[j];
+    // Sums over time are taken per chunk and then added to the running total (two levels), which
+    // keeps their rounding error near that of torch's pairwise sums.
+    let mut dd = R::ZERO;
+    for t in 0..len {
+        let mut dy = s.dout[t];
+        if has_z {
+            let zt = s.z[t];
+            let sz = sigmoid(zt);
+            let out = madd::<R, FMA>(dval, s.u[t], s.y[t]);
+            s.dz[t] = dy * out * sz * (R::ONE + zt * (R::ONE - sz));
+            dy = dy * zt * sz;
+        }
+        s.dy[t] = dy;
+        dd = madd::<R, FMA>(dy, s.u[t], dd);
+        s.du[t] = dval * dy;
+    }
+    s.dd[j] = s.dd[j] + dd;
+    // Reverse scan. On entry to step t, g holds a_{t+1} g_{t+1} (the gradient reaching h_t from
+    // the future); adding C_t dy_t makes it dL/dh_t.
+    let mut gr = [[R::ZERO; W]; NB];
+    let mut daa = [[R::ZERO; W]; NB];
+    let mut dbf = [[R::ZERO; W]; NB];
+    let mut dcf = [[R::ZERO; W]; NB];
+    for k in 0..nb {
+        gr[k] = *blk(&s.g, o + k * W);
+    }
+    for t in (0..len).rev() {
+        let (dyt, dtv, ut) = (s.dy[t], s.dt[t], s.u[t]);
+        let dtu = dtv * ut;
+        let mut sdu = [R::ZERO; W];
+        let mut sdt = [R::ZERO; W];
+        for k in 0..nb {
+            let bb = if VB { blk(&s.bt, t * np + k * W) } else { &bfr[k] };
+            let cb = if VC { blk(&s.ct, t * np + k * W) } else { &cfr[k] };
+            let dab = blk(&s.da, t * np + k * W);
+            let hcur = blk(&s.hs, t * np + k * W);
+            let hprev: &[R; W] = if t > 0 { blk(&s.hs, (t - 1) * np + k * W) } else { blk(&s.h0, k * W) };
+            let mut dbv = [R::ZERO; W];
+            let mut dcv = [R::ZERO; W];
+            for l in 0..W {
+                let gl = madd::<R, FMA>(cb[l], dyt, gr[k][l]);
+                dcv[l] = dyt * hcur[l];
+                dbv[l] = gl * dtu;
+                sdu[l] = madd::<R, FMA>(gl, bb[l], sdu[l]);
+                let gah = gl * dab[l] * hprev[l];
+                sdt[l] = madd::<R, FMA>(au[k][l], gah, madd::<R, FMA>(gl * bb[l], ut, sdt[l]));
+                daa[k][l] = madd::<R, FMA>(dtv, gah, daa[k][l]);
+                gr[k][l] = gl * dab[l];
+            }
+            if VB {
+                let x = blk_mut(&mut s.dbt, t * np + k * W);
+                for l in 0..W {
+                    x[l] = x[l] + dbv[l];
+                }
+            } else {
+                for l in 0..W {
+                    dbf[k][l] = dbf[k][l] + dbv[l];
+                }
+            }
+            if VC {
+                let x = blk_mut(&mut s.dct, t * np + k * W);
+                for l in 0..W {
+                    x[l] = x[l] + dcv[l];
+                }
+            } else {
+                for l in 0..W {
+                    dcf[k][l] = dcf[k][l] + dcv[l];
+                }
+            }
+        }
+        s.du[t] = madd::<R, FMA>(dtv, hsum(&sdu), s.du[t]);
+        s.ddt[t] = hsum(&sdt);
+    }
+    for k in 0..nb {
+        *blk_mut(&mut s.g, o + k * W) = gr[k];
+        for (acc, part) in [(&mut s.acc_a, &daa[k]), (&mut s.acc_b, &dbf[k]), (&mut s.acc_c, &dcf[k])] {
+            let x = blk_mut(acc, o + k * W);
+            for l in 0..W {
+                x[l] = x[l] + part[l];
+            }
+        }
+    }
+}
+
+/// Backward of a block of channels [d0, d1) (one B group, one C group): writes du, ddelta, dz,
+/// dinitial_state rows; adds variable dB/dC into the block's partial rows (`pb`, `pc`: dstate x
+/// seqlen each, or 0); writes per-channel sums into `chan` slots.
 ///
 /// # Safety
-/// `p` from `plan_backward`; `pb`/`pc`/`chan` address this item's own workspace slices.
-#[allow(clippy::too_many_arguments)]
+/// `p` from `plan_backward`; `pb`/`pc` address this item's own workspace slices, and `chan` the
+/// per-channel workspace.
 #[inline(always)]
-unsafe fn bwd_channel<R: Real, const VB: bool, const VC: bool>(
+unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
     p: &SsmParams,
     ind: DType,
     wd: DType,
     b: usize,
-    d: usize,
-    pb: *mut R,
-    pc: *mut R,
-    chan: *mut R,
+    (d0, d1, pb, pc, chan): (usize, usize, u64, u64, u64),
     s: &mut BwdScratch<R>,
 ) {
     let n_state = p.dstate as usize;
@@ -128,253 +241,130 @@ unsafe fn bwd_channel<R: Real, const VB: bool, const VC: bool>(
     let k = p.chunk_size as usize;
     let seqlen = p.seqlen as usize;
     let has_z = p.has_z != 0;
+    let (pb, pc, chan) = (pb as *mut R, pc as *mut R, chan as *mut R);
+    let ns = chan_slots(n_state);
+    let (bi, dim) = (b as i64, p.dim as usize);
     // SAFETY: tensors checked by plan_backward; (b, d) in range; workspace slices are this
     // item's own.
     unsafe {
-        load_a(p, wd, d, &mut s.a);
-        let dval: R = load_scalar(p.has_d != 0, p.d_ptr, wd, d);
-        let bias: R = load_scalar(p.has_delta_bias != 0, p.delta_bias_ptr, wd, d);
-        if !VB {
-            load_bc::<R, false>(p, ind, wd, p.b_ptr, (0, p.b_group_stride, p.b_dstate_stride), 1, b, d, 0, 0, np, &mut s.row, &mut s.bt);
-        }
-        if !VC {
-            load_bc::<R, false>(p, ind, wd, p.c_ptr, (0, p.c_group_stride, p.c_dstate_stride), 1, b, d, 0, 0, np, &mut s.row, &mut s.ct);
-        }
-        s.g.fill(R::ZERO);
-        if p.has_dlast_state != 0 {
-            let off = ((b * p.dim as usize + d) * n_state) as i64;
-            R::load(wd, addr(p.dlast_state_ptr, off, wd), &mut s.g[..n_state]);
-        }
-        let mut da_acc = [R::ZERO; 64 * 4];
-        let mut dbf = [R::ZERO; 64 * 4];
-        let mut dcf = [R::ZERO; 64 * 4];
-        debug_assert!(np <= da_acc.len());
-        let mut dd_acc = R::ZERO;
-        let mut dbias_acc = R::ZERO;
-        let (bi, di) = (b as i64, d as i64);
-
-        for c in (0..p.n_chunks as usize).rev() {
-            let t0 = c * k;
-            let len = k.min(seqlen.saturating_sub(t0));
-            load_steps(p, ind, b, d, t0, len, bias, &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
-            R::load(ind, addr(p.dout_ptr, bi * p.dout_batch_stride + di * p.dout_d_stride + t0 as i64, ind), &mut s.dout[..len]);
-            if VB {
-                load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, d, t0, len, np, &mut s.row, &mut s.bt);
-            }
-            if VC {
-                load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, d, t0, len, np, &mut s.row, &mut s.ct);
-            }
-            // The state before this chunk.
-            if c == 0 {
-                load_initial(p, wd, b, d, &mut s.h0);
-            } else {
-                s.h0.fill(R::ZERO);
-                R::load(wd, addr(p.states_ptr, state_off(p, b, d, c - 1), wd), &mut s.h0[..n_state]);
-            }
-            // Recompute the chunk: h_t, exp(dt_t A) and y_t.
-            {
-                let mut h = [R::ZERO; 64 * 4];
-                h[..np].copy_from_slice(&s.h0[..np]);
-                for t in 0..len {
-                    let dtv = s.dt[t];
-                    let dtu = dtv * s.u[t];
-                    let bo = if VB { t * np } else { 0 };
-                    let co = if VC { t * np } else { 0 };
-                    let mut acc = [R::ZERO; W];
-                    for kb in 0..nblk {
-                        let o = kb * W;
-                        let (ab, bb, cb) = (blk(&s.a, o), blk(&s.bt, bo + o), blk(&s.ct, co + o));
-                        let hb = blk_mut(&mut h, o);
-                        let dab = blk_mut(&mut s.da, t * np + o);
-                        for l in 0..W {
-                            let e = (dtv * ab[l]).fexp();
-                            dab[l] = e;
-                            hb[l] = e * hb[l] + dtu * bb[l];
-                            acc[l] = acc[l] + cb[l] * hb[l];
-                        }
-                        blk_mut(&mut s.hs, t * np + o).copy_from_slice(hb);
-                    }
-                    s.y[t] = hsum(&acc);
+        let mut sd0 = d0;
+        while sd0 < d1 {
+            let nch = CB.min(d1 - sd0);
+            s.cs.load(p, ind, wd, b, sd0, nch, np, &mut s.row);
+            s.g.fill(R::ZERO);
+            s.acc_a.fill(R::ZERO);
+            s.acc_b.fill(R::ZERO);
+            s.acc_c.fill(R::ZERO);
+            s.dd = [R::ZERO; CB];
+            s.dbias = [R::ZERO; CB];
+            if p.has_dlast_state != 0 {
+                for j in 0..nch {
+                    let off = ((b * dim + sd0 + j) * n_state) as i64;
+                    R::load(wd, addr(p.dlast_state_ptr, off, wd), &mut s.g[j * np..j * np + n_state]);
                 }
             }
-            // Pointwise: gating, D skip.
-            for t in 0..len {
-                let mut dy = s.dout[t];
-                if has_z {
-                    let zt = s.z[t];
-                    let sz = sigmoid(zt);
-                    let out = s.y[t] + dval * s.u[t];
-                    s.dz[t] = dy * out * sz * (R::ONE + zt * (R::ONE - sz));
-                    dy = dy * zt * sz;
+            for c in (0..p.n_chunks as usize).rev() {
+                let t0 = c * k;
+                let len = k.min(seqlen.saturating_sub(t0));
+                if VB {
+                    load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, sd0, t0, len, np, &mut s.row, &mut s.bt);
+                    s.dbt[..len * np].fill(R::ZERO);
                 }
-                s.dy[t] = dy;
-                dd_acc = dd_acc + dy * s.u[t];
-                s.du[t] = dval * dy;
-            }
-            // Reverse scan. On entry to step t, g holds a_{t+1} g_{t+1} (the gradient reaching
-            // h_t from the future); adding C_t dy_t makes it dL/dh_t.
-            for t in (0..len).rev() {
-                let (dyt, dtv, ut) = (s.dy[t], s.dt[t], s.u[t]);
-                let bo = if VB { t * np } else { 0 };
-                let co = if VC { t * np } else { 0 };
-                let mut sdu = [R::ZERO; W];
-                let mut sdt = [R::ZERO; W];
-                for kb in 0..nblk {
-                    let o = kb * W;
-                    let (ab, bb, cb) = (blk(&s.a, o), blk(&s.bt, bo + o), blk(&s.ct, co + o));
-                    let dab = blk(&s.da, t * np + o);
-                    let hcur = blk(&s.hs, t * np + o);
-                    let hprev: &[R; W] = if t > 0 { blk(&s.hs, (t - 1) * np + o) } else { blk(&s.h0, o) };
-                    let gb = blk_mut(&mut s.g, o);
-                    let mut dbv = [R::ZERO; W];
-                    let mut dcv = [R::ZERO; W];
-                    let daa = blk_mut(&mut da_acc, o);
-                    for l in 0..W {
-                        let gl = gb[l] + cb[l] * dyt;
-                        dcv[l] = dyt * hcur[l];
-                        dbv[l] = gl * dtv * ut;
-                        sdu[l] = sdu[l] + gl * bb[l];
-                        let gah = gl * dab[l] * hprev[l];
-                        sdt[l] = sdt[l] + gl * bb[l] * ut + ab[l] * gah;
-                        daa[l] = daa[l] + dtv * gah;
-                        gb[l] = gl * dab[l];
-                    }
-                    if VB {
-                        blk_mut(&mut s.dbt, t * np + o).copy_from_slice(&dbv);
+                if VC {
+                    load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, sd0, t0, len, np, &mut s.row, &mut s.ct);
+                    s.dct[..len * np].fill(R::ZERO);
+                }
+                for j in 0..nch {
+                    let d = sd0 + j;
+                    let di = d as i64;
+                    let bias = s.cs.bias[j];
+                    load_steps(p, ind, b, d, t0, len, bias, &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
+                    R::load(ind, addr(p.dout_ptr, bi * p.dout_batch_stride + di * p.dout_d_stride + t0 as i64, ind), &mut s.dout[..len]);
+                    if c == 0 {
+                        load_initial(p, wd, b, d, &mut s.h0);
                     } else {
-                        let x = blk_mut(&mut dbf, o);
-                        for l in 0..W {
-                            x[l] = x[l] + dbv[l];
+                        s.h0.fill(R::ZERO);
+                        R::load(wd, addr(p.states_ptr, state_off(p, b, d, c - 1), wd), &mut s.h0[..n_state]);
+                    }
+                    match nblk {
+                        1 => chan_chunk::<R, 1, VB, VC, FMA>(1, len, j, s, has_z),
+                        2 => chan_chunk::<R, 2, VB, VC, FMA>(2, len, j, s, has_z),
+                        3 | 4 => chan_chunk::<R, 4, VB, VC, FMA>(nblk, len, j, s, has_z),
+                        _ => chan_chunk::<R, MAX_NB, VB, VC, FMA>(nblk, len, j, s, has_z),
+                    }
+                    // delta's gradient through the bias and softplus.
+                    let mut dbias = R::ZERO;
+                    for t in 0..len {
+                        let mut g = s.ddt[t];
+                        if p.delta_softplus != 0 && !(s.x[t] > R::from_f64(20.0)) {
+                            g = g * sigmoid(s.x[t]);
+                        }
+                        s.ddt[t] = g;
+                        dbias = dbias + g;
+                    }
+                    s.dbias[j] = s.dbias[j] + dbias;
+                    let t0i = t0 as i64;
+                    R::store(ind, addr(p.du_ptr, bi * p.du_batch_stride + di * p.du_d_stride + t0i, ind), &s.du[..len]);
+                    R::store(ind, addr(p.ddelta_ptr, bi * p.ddelta_batch_stride + di * p.ddelta_d_stride + t0i, ind), &s.ddt[..len]);
+                    if has_z {
+                        R::store(ind, addr(p.dz_ptr, bi * p.dz_batch_stride + di * p.dz_d_stride + t0i, ind), &s.dz[..len]);
+                    }
+                }
+                if VB {
+                    for n in 0..n_state {
+                        let row = std::slice::from_raw_parts_mut(pb.add(n * seqlen + t0), len);
+                        for (t, r) in row.iter_mut().enumerate() {
+                            *r = *r + s.dbt[t * np + n];
                         }
                     }
-                    if VC {
-                        blk_mut(&mut s.dct, t * np + o).copy_from_slice(&dcv);
-                    } else {
-                        let x = blk_mut(&mut dcf, o);
-                        for l in 0..W {
-                            x[l] = x[l] + dcv[l];
+                }
+                if VC {
+                    for n in 0..n_state {
+                        let row = std::slice::from_raw_parts_mut(pc.add(n * seqlen + t0), len);
+                        for (t, r) in row.iter_mut().enumerate() {
+                            *r = *r + s.dct[t * np + n];
                         }
                     }
                 }
-                s.du[t] = s.du[t] + dtv * hsum(&sdu);
-                s.ddt[t] = hsum(&sdt);
             }
-            // delta's gradient through bias and softplus.
-            for t in 0..len {
-                let mut g = s.ddt[t];
-                if p.delta_softplus != 0 && !(s.x[t] > R::from_f64(20.0)) {
-                    g = g * sigmoid(s.x[t]);
+            for j in 0..nch {
+                let d = sd0 + j;
+                let o = j * np;
+                if p.dinitial_state_ptr != 0 {
+                    let off = ((b * dim + d) * n_state) as i64;
+                    R::store(wd, addr(p.dinitial_state_ptr, off, wd), &s.g[o..o + n_state]);
                 }
-                s.ddt[t] = g;
-                dbias_acc = dbias_acc + g;
+                let ch = std::slice::from_raw_parts_mut(chan.add((b * dim + d) * ns), ns);
+                ch[..n_state].copy_from_slice(&s.acc_a[o..o + n_state]);
+                ch[n_state..2 * n_state].copy_from_slice(&s.acc_b[o..o + n_state]);
+                ch[2 * n_state..3 * n_state].copy_from_slice(&s.acc_c[o..o + n_state]);
+                ch[3 * n_state] = s.dd[j];
+                ch[3 * n_state + 1] = s.dbias[j];
             }
-            let t0i = t0 as i64;
-            R::store(ind, addr(p.du_ptr, bi * p.du_batch_stride + di * p.du_d_stride + t0i, ind), &s.du[..len]);
-            R::store(ind, addr(p.ddelta_ptr, bi * p.ddelta_batch_stride + di * p.ddelta_d_stride + t0i, ind), &s.ddt[..len]);
-            if has_z {
-                R::store(ind, addr(p.dz_ptr, bi * p.dz_batch_stride + di * p.dz_d_stride + t0i, ind), &s.dz[..len]);
-            }
-            if VB {
-                for n in 0..n_state {
-                    let row = std::slice::from_raw_parts_mut(pb.add(n * seqlen + t0), len);
-                    for (t, r) in row.iter_mut().enumerate() {
-                        *r = *r + s.dbt[t * np + n];
-                    }
-                }
-            }
-            if VC {
-                for n in 0..n_state {
-                    let row = std::slice::from_raw_parts_mut(pc.add(n * seqlen + t0), len);
-                    for (t, r) in row.iter_mut().enumerate() {
-                        *r = *r + s.dct[t * np + n];
-                    }
-                }
-            }
+            sd0 += nch;
         }
-        if p.dinitial_state_ptr != 0 {
-            let off = ((b * p.dim as usize + d) * n_state) as i64;
-            R::store(wd, addr(p.dinitial_state_ptr, off, wd), &s.g[..n_state]);
-        }
-        let ch = std::slice::from_raw_parts_mut(chan, chan_slots(n_state));
-        ch[..n_state].copy_from_slice(&da_acc[..n_state]);
-        ch[n_state..2 * n_state].copy_from_slice(&dbf[..n_state]);
-        ch[2 * n_state..3 * n_state].copy_from_slice(&dcf[..n_state]);
-        ch[3 * n_state] = dd_acc;
-        ch[3 * n_state + 1] = dbias_acc;
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool>(
-    p: &SsmParams,
-    ind: DType,
-    wd: DType,
-    b: usize,
-    blk: (usize, usize, u64, u64, u64),
-    s: &mut BwdScratch<R>,
-) {
-    let (d0, d1, pb, pc, chan) = blk;
-    let (pb, pc, chan) = (pb as *mut R, pc as *mut R, chan as *mut R);
-    let ns = chan_slots(p.dstate as usize);
-    for d in d0..d1 {
-        // SAFETY: forwarded; each channel's `chan` slot is its own.
-        unsafe { bwd_channel::<R, VB, VC>(p, ind, wd, b, d, pb, pc, chan.add((b * p.dim as usize + d) * ns), s) };
-    }
-}
-
-type BlockFn<R> = unsafe fn(&SsmParams, DType, DType, usize, (usize, usize, u64, u64, u64), &mut BwdScratch<R>);
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn avx512<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: (usize, usize, u64, u64, u64), s: &mut BwdScratch<R>) {
-    // SAFETY: forwarded contract; features checked by isa().
-    unsafe { bwd_block::<R, VB, VC>(p, ind, wd, b, k, s) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: (usize, usize, u64, u64, u64), s: &mut BwdScratch<R>) {
-    // SAFETY: as above.
-    unsafe { bwd_block::<R, VB, VC>(p, ind, wd, b, k, s) }
-}
-unsafe fn baseline<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: (usize, usize, u64, u64, u64), s: &mut BwdScratch<R>) {
-    // SAFETY: forwarded contract.
-    unsafe { bwd_block::<R, VB, VC>(p, ind, wd, b, k, s) }
-}
-
-fn pick<R: Real>(vb: bool, vc: bool) -> BlockFn<R> {
-    use super::{Isa, isa};
-    macro_rules! by_isa {
-        ($vb:literal, $vc:literal) => {
-            match isa() {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => avx512::<R, $vb, $vc>,
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::<R, $vb, $vc>,
-                _ => baseline::<R, $vb, $vc>,
-            }
-        };
-    }
-    match (vb, vc) {
-        (true, true) => by_isa!(true, true),
-        (true, false) => by_isa!(true, false),
-        (false, true) => by_isa!(false, true),
-        (false, false) => by_isa!(false, false),
-    }
-}
+isa_variants!(bwd_block, BwdScratch<R>, (usize, usize, u64, u64, u64), pick_bwd);
 
 fn run<R: Real>(plan: &Plan) {
     let p = plan.params;
     let (ind, wd) = (plan.in_dtype, plan.w_dtype);
     let (vb, vc) = (p.is_variable_b != 0, p.is_variable_c != 0);
     let (batch, dim, n, seqlen) = (p.batch as usize, p.dim as usize, p.dstate as usize, p.seqlen as usize);
-    let nseg = {
-        let all = blocks(&p, 1);
-        all.len()
-    };
+    let nseg = blocks(&p, usize::MAX).len();
     let per_part = (vb as usize + vc as usize) * n * seqlen;
-    let parts = if per_part == 0 { 8 } else { (PARTIAL_BUDGET / (batch * nseg * per_part).max(1)).clamp(1, 8) };
-    let blks = blocks(&p, parts);
+    // Without variable B/C there are no partials: cut finely for parallelism. With them, each
+    // block owns dstate x seqlen partial rows: cut into at most 8 blocks per segment, fewer when
+    // memory is short.
+    let max_len = if per_part == 0 {
+        CB
+    } else {
+        let parts = (PARTIAL_BUDGET / (batch * nseg * per_part).max(1)).clamp(1, 8);
+        (dim / nseg).div_ceil(parts).max(CB)
+    };
+    let blks: Vec<Block> = blocks(&p, max_len);
     let nb = blks.len();
     let rows = n * seqlen;
     let mut part_b = vec![R::ZERO; if vb { batch * nb * rows } else { 0 }];
@@ -382,7 +372,7 @@ fn run<R: Real>(plan: &Plan) {
     let ns = chan_slots(n);
     let mut chan = vec![R::ZERO; batch * dim * ns];
     let (pb0, pc0, ch0) = (part_b.as_mut_ptr() as u64, part_c.as_mut_ptr() as u64, chan.as_mut_ptr() as u64);
-    let f = pick::<R>(vb, vc);
+    let f = pick_bwd::<R>(vb, vc);
     let np = padded(n);
     let chunk = p.chunk_size as usize;
     let esz = std::mem::size_of::<R>() as u64;

@@ -1,7 +1,7 @@
 //! Forward selective scan on the CPU: one work item per (batch, channel); state in registers
 //! (blocks of `W` lanes); one fp32 state vector saved per chunk for the backward and last_state.
 
-use super::{Isa, Real, W, addr, isa, par_for, softplus};
+use super::{Real, W, addr, madd, par_for, sigmoid};
 use crate::check::Plan;
 use crate::dlpack::DType;
 use crate::params::SsmParams;
@@ -16,8 +16,6 @@ pub(crate) struct Scratch<R> {
     pub row: Vec<R>,
     pub bt: Vec<R>,
     pub ct: Vec<R>,
-    pub a: Vec<R>,
-    pub h: Vec<R>,
 }
 
 impl<R: Real> Scratch<R> {
@@ -32,11 +30,12 @@ impl<R: Real> Scratch<R> {
             row: z(chunk),
             bt: z(chunk * np),
             ct: z(chunk * np),
-            a: z(np),
-            h: z(np),
         }
     }
 }
+
+/// Largest number of state blocks (dstate <= 256).
+pub(crate) const MAX_NB: usize = 16;
 
 pub(crate) fn padded(dstate: usize) -> usize {
     dstate.div_ceil(W) * W
@@ -153,10 +152,15 @@ pub(crate) unsafe fn load_steps<R: Real>(
             R::load(ind, addr(p.z_ptr, b * p.z_batch_stride + d * p.z_d_stride + t0 as i64, ind), &mut s_z[..len]);
         }
     }
-    for t in 0..len {
-        let x = s_x[t] + bias;
-        s_x[t] = x;
-        s_dt[t] = if p.delta_softplus != 0 { softplus(x) } else { x };
+    for x in s_x[..len].iter_mut() {
+        *x = *x + bias;
+    }
+    if p.delta_softplus != 0 {
+        for (dt, x) in s_dt[..len].iter_mut().zip(&s_x[..len]) {
+            *dt = x.softplus();
+        }
+    } else {
+        s_dt[..len].copy_from_slice(&s_x[..len]);
     }
 }
 
@@ -195,134 +199,225 @@ pub(crate) fn state_off(p: &SsmParams, b: usize, d: usize, c: usize) -> i64 {
     (((b * p.dim as usize + d) * p.n_chunks as usize + c) * p.dstate as usize) as i64
 }
 
-/// One step of the recurrence for all state blocks; returns y = C . h.
+/// The time loop of one channel with the state held in registers: `NB` blocks of `W` lanes
+/// (dstate <= 64 takes this path). B/C come from the t-major tiles when variable, else from the
+/// channel's fixed vectors.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn step<R: Real>(
-    nblk: usize,
-    a: &[R],
-    bvec: &[R],
-    cvec: &[R],
-    dtv: R,
-    dtu: R,
+pub(crate) fn scan_steps<R: Real, const NB: usize, const VB: bool, const VC: bool, const FMA: bool>(
+    nb: usize,
+    a2: &[R],
+    bt: &[R],
+    bf: &[R],
+    ct: &[R],
+    cf: &[R],
+    dt: &[R],
+    u: &[R],
+    y: &mut [R],
     h: &mut [R],
-) -> R {
-    let mut acc = [R::ZERO; W];
-    for k in 0..nblk {
-        let o = k * W;
-        let (ab, bb, cb) = (blk(a, o), blk(bvec, o), blk(cvec, o));
-        let hb = blk_mut(h, o);
-        for l in 0..W {
-            let da = (dtv * ab[l]).fexp();
-            hb[l] = da * hb[l] + dtu * bb[l];
-            acc[l] = acc[l] + cb[l] * hb[l];
-        }
+) {
+    let nb = if NB <= 2 { NB } else { nb.min(NB) };
+    let np = nb * W;
+    let mut hr = [[R::ZERO; W]; NB];
+    let mut ar = [[R::ZERO; W]; NB];
+    let mut bfr = [[R::ZERO; W]; NB];
+    let mut cfr = [[R::ZERO; W]; NB];
+    for k in 0..nb {
+        hr[k] = *blk(h, k * W);
+        ar[k] = *blk(a2, k * W);
+        bfr[k] = *blk(bf, k * W);
+        cfr[k] = *blk(cf, k * W);
     }
-    hsum(&acc)
+    for t in 0..dt.len().min(u.len()).min(y.len()) {
+        let dtv = dt[t];
+        let dtu = dtv * u[t];
+        let mut acc = [R::ZERO; W];
+        for k in 0..nb {
+            let bb = if VB { blk(bt, t * np + k * W) } else { &bfr[k] };
+            let cb = if VC { blk(ct, t * np + k * W) } else { &cfr[k] };
+            for l in 0..W {
+                let da = (dtv * ar[k][l]).fexp2::<FMA>();
+                hr[k][l] = madd::<R, FMA>(da, hr[k][l], dtu * bb[l]);
+                acc[l] = madd::<R, FMA>(cb[l], hr[k][l], acc[l]);
+            }
+        }
+        y[t] = hsum(&acc);
+    }
+    for k in 0..nb {
+        blk_mut(h, k * W).copy_from_slice(&hr[k]);
+    }
 }
 
-/// The forward of one channel.
+/// Channels per block: the transposed B/C tile of a chunk is shared by this many channels.
+pub(crate) const CB: usize = 16;
+
+/// A run of channels [d0, d1) inside one B group and one C group.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Block {
+    pub d0: usize,
+    pub d1: usize,
+    pub gb: usize,
+    pub gc: usize,
+}
+
+/// Cut [0, dim) at every B-group and C-group boundary, then each piece into pieces of at most
+/// `max_len` channels. Depends on the shapes only, never on the thread count.
+pub(crate) fn blocks(p: &SsmParams, max_len: usize) -> Vec<Block> {
+    let dim = p.dim as usize;
+    let sb = dim / p.b_ngroups as usize;
+    let sc = dim / p.c_ngroups as usize;
+    let cuts: Vec<usize> = (0..=dim).filter(|d| d % sb == 0 || d % sc == 0 || *d == dim).collect();
+    let mut out = Vec::new();
+    for w in cuts.windows(2) {
+        let (s0, s1) = (w[0], w[1]);
+        let pieces = (s1 - s0).div_ceil(max_len.max(1));
+        let per = (s1 - s0).div_ceil(pieces.max(1)).max(1);
+        let mut d = s0;
+        while d < s1 {
+            let e = (d + per).min(s1);
+            out.push(Block { d0: d, d1: e, gb: d / sb, gc: d / sc });
+            d = e;
+        }
+    }
+    out
+}
+
+/// Per-channel constants and carried state of a block of up to CB channels.
+pub(crate) struct ChanState<R> {
+    pub a2: Vec<R>,
+    pub h: Vec<R>,
+    pub bf: Vec<R>,
+    pub cf: Vec<R>,
+    pub dval: [R; CB],
+    pub bias: [R; CB],
+}
+
+impl<R: Real> ChanState<R> {
+    pub fn new(np: usize) -> Self {
+        ChanState {
+            a2: vec![R::ZERO; CB * np],
+            h: vec![R::ZERO; CB * np],
+            bf: vec![R::ZERO; CB * np],
+            cf: vec![R::ZERO; CB * np],
+            dval: [R::ZERO; CB],
+            bias: [R::ZERO; CB],
+        }
+    }
+
+    /// Load A log2 e, D, delta_bias, fixed B/C and the initial state of channels [d0, d0+n).
+    ///
+    /// # Safety
+    /// As checked by `plan_forward`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn load(&mut self, p: &SsmParams, ind: DType, wd: DType, b: usize, d0: usize, n: usize, np: usize, row: &mut [R]) {
+        let log2e = R::from_f64(std::f64::consts::LOG2_E);
+        for j in 0..n {
+            let d = d0 + j;
+            let o = j * np;
+            // SAFETY: forwarded.
+            unsafe {
+                load_a(p, wd, d, &mut self.a2[o..o + np]);
+                self.dval[j] = load_scalar(p.has_d != 0, p.d_ptr, wd, d);
+                self.bias[j] = load_scalar(p.has_delta_bias != 0, p.delta_bias_ptr, wd, d);
+                load_initial(p, wd, b, d, &mut self.h[o..o + np]);
+                if p.is_variable_b == 0 {
+                    load_bc::<R, false>(p, ind, wd, p.b_ptr, (0, p.b_group_stride, p.b_dstate_stride), 1, b, d, 0, 0, np, row, &mut self.bf[o..o + np]);
+                }
+                if p.is_variable_c == 0 {
+                    load_bc::<R, false>(p, ind, wd, p.c_ptr, (0, p.c_group_stride, p.c_dstate_stride), 1, b, d, 0, 0, np, row, &mut self.cf[o..o + np]);
+                }
+            }
+            for x in self.a2[o..o + np].iter_mut() {
+                *x = *x * log2e;
+            }
+        }
+    }
+}
+
+/// The forward of one block of channels (all in one B group and one C group).
 ///
 /// # Safety
 /// `p` must come from `plan_forward` with outputs, its tensors alive and not aliased.
 #[inline(always)]
-unsafe fn fwd_channel<R: Real, const VB: bool, const VC: bool>(
+unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
     p: &SsmParams,
     ind: DType,
     wd: DType,
     b: usize,
-    d: usize,
-    s: &mut Scratch<R>,
+    (d0, d1): (usize, usize),
+    s: &mut (Scratch<R>, ChanState<R>),
 ) {
+    let (s, cs) = (&mut s.0, &mut s.1);
     let n_state = p.dstate as usize;
     let np = padded(n_state);
     let nblk = np / W;
     let k = p.chunk_size as usize;
     let seqlen = p.seqlen as usize;
+    let nch = d1 - d0;
     // SAFETY: all tensors were checked by plan_forward; (b, d) are in range.
     unsafe {
-        load_a(p, wd, d, &mut s.a);
-        let dval: R = load_scalar(p.has_d != 0, p.d_ptr, wd, d);
-        let bias: R = load_scalar(p.has_delta_bias != 0, p.delta_bias_ptr, wd, d);
-        load_initial(p, wd, b, d, &mut s.h);
-        if !VB {
-            load_bc::<R, false>(p, ind, wd, p.b_ptr, (0, p.b_group_stride, p.b_dstate_stride), 1, b, d, 0, 0, np, &mut s.row, &mut s.bt);
-        }
-        if !VC {
-            load_bc::<R, false>(p, ind, wd, p.c_ptr, (0, p.c_group_stride, p.c_dstate_stride), 1, b, d, 0, 0, np, &mut s.row, &mut s.ct);
-        }
+        cs.load(p, ind, wd, b, d0, nch, np, &mut s.row);
         for c in 0..p.n_chunks as usize {
             let t0 = c * k;
             let len = k.min(seqlen.saturating_sub(t0));
-            load_steps(p, ind, b, d, t0, len, bias, &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
             if VB {
-                load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, d, t0, len, np, &mut s.row, &mut s.bt);
+                load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, d0, t0, len, np, &mut s.row, &mut s.bt);
             }
             if VC {
-                load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, d, t0, len, np, &mut s.row, &mut s.ct);
+                load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, d0, t0, len, np, &mut s.row, &mut s.ct);
             }
-            for t in 0..len {
-                let dtv = s.dt[t];
-                let bo = if VB { t * np } else { 0 };
-                let co = if VC { t * np } else { 0 };
-                s.y[t] = step(nblk, &s.a, &s.bt[bo..bo + np], &s.ct[co..co + np], dtv, dtv * s.u[t], &mut s.h);
-            }
-            for t in 0..len {
-                let mut o = s.y[t] + dval * s.u[t];
-                if p.has_z != 0 {
-                    let z = s.z[t];
-                    o = o * (z / (R::ONE + (-z).exp()));
+            for j in 0..nch {
+                let d = d0 + j;
+                let o = j * np;
+                load_steps(p, ind, b, d, t0, len, cs.bias[j], &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
+                let h = &mut cs.h[o..o + np];
+                let a2 = &cs.a2[o..o + np];
+                let (bt, bf, ct, cf) = (&s.bt[..], &cs.bf[o..o + np], &s.ct[..], &cs.cf[o..o + np]);
+                let (dt, u, y) = (&s.dt[..len], &s.u[..len], &mut s.y[..len]);
+                match nblk {
+                    1 => scan_steps::<R, 1, VB, VC, FMA>(1, a2, bt, bf, ct, cf, dt, u, y, h),
+                    2 => scan_steps::<R, 2, VB, VC, FMA>(2, a2, bt, bf, ct, cf, dt, u, y, h),
+                    3 | 4 => scan_steps::<R, 4, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h),
+                    _ => scan_steps::<R, MAX_NB, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h),
                 }
-                s.y[t] = o;
+                let dval = cs.dval[j];
+                for t in 0..len {
+                    s.y[t] = madd::<R, FMA>(dval, s.u[t], s.y[t]);
+                }
+                if p.has_z != 0 {
+                    for (y, z) in s.y[..len].iter_mut().zip(&s.z[..len]) {
+                        *y = *y * (*z * sigmoid(*z));
+                    }
+                }
+                let off = b as i64 * p.out_batch_stride + d as i64 * p.out_d_stride + t0 as i64;
+                R::store(ind, addr(p.out_ptr, off, ind), &s.y[..len]);
+                R::store(wd, addr(p.states_ptr, state_off(p, b, d, c), wd), &h[..n_state]);
             }
-            let off = b as i64 * p.out_batch_stride + d as i64 * p.out_d_stride + t0 as i64;
-            R::store(ind, addr(p.out_ptr, off, ind), &s.y[..len]);
-            R::store(wd, addr(p.states_ptr, state_off(p, b, d, c), wd), &s.h[..n_state]);
         }
     }
 }
 
-type ChannelFn<R> = unsafe fn(&SsmParams, DType, DType, usize, usize, &mut Scratch<R>);
-
 macro_rules! isa_variants {
-    ($generic:ident, $scratch:ident, $pick:ident) => {
+    ($generic:ident, $scratch:ty, $item:ty, $pick:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512<R: Real, const VB: bool, const VC: bool>(
-            p: &SsmParams,
-            ind: DType,
-            wd: DType,
-            b: usize,
-            d: usize,
-            s: &mut $scratch<R>,
-        ) {
+        unsafe fn avx512<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
             // SAFETY: forwarded contract; the CPU supports these features (checked by isa()).
-            unsafe { $generic::<R, VB, VC>(p, ind, wd, b, d, s) }
+            unsafe { $generic::<R, VB, VC, true>(p, ind, wd, b, k, s) }
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R: Real, const VB: bool, const VC: bool>(
-            p: &SsmParams,
-            ind: DType,
-            wd: DType,
-            b: usize,
-            d: usize,
-            s: &mut $scratch<R>,
-        ) {
+        unsafe fn avx2<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
             // SAFETY: as above.
-            unsafe { $generic::<R, VB, VC>(p, ind, wd, b, d, s) }
+            unsafe { $generic::<R, VB, VC, true>(p, ind, wd, b, k, s) }
         }
-        unsafe fn baseline<R: Real, const VB: bool, const VC: bool>(
-            p: &SsmParams,
-            ind: DType,
-            wd: DType,
-            b: usize,
-            d: usize,
-            s: &mut $scratch<R>,
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { $generic::<R, VB, VC>(p, ind, wd, b, d, s) }
+        unsafe fn baseline<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
+            // SAFETY: forwarded contract. No FMA: mul_add would be a libm call here.
+            unsafe { $generic::<R, VB, VC, false>(p, ind, wd, b, k, s) }
         }
-        fn $pick<R: Real>(vb: bool, vc: bool) -> unsafe fn(&SsmParams, DType, DType, usize, usize, &mut $scratch<R>) {
+        #[allow(clippy::type_complexity)]
+        fn $pick<R: Real>(vb: bool, vc: bool) -> unsafe fn(&SsmParams, DType, DType, usize, $item, &mut $scratch) {
+            use $crate::cpu::{Isa, isa};
             macro_rules! by_isa {
                 ($vb:literal, $vc:literal) => {
                     match isa() {
@@ -343,23 +438,26 @@ macro_rules! isa_variants {
         }
     };
 }
+pub(crate) use isa_variants;
 
-isa_variants!(fwd_channel, Scratch, pick_fwd);
+isa_variants!(fwd_block, (Scratch<R>, ChanState<R>), (usize, usize), pick_fwd);
 
 fn run<R: Real>(plan: &Plan) {
     let p = plan.params;
     let (ind, wd) = (plan.in_dtype, plan.w_dtype);
-    let f: ChannelFn<R> = pick_fwd::<R>(p.is_variable_b != 0, p.is_variable_c != 0);
+    let f = pick_fwd::<R>(p.is_variable_b != 0, p.is_variable_c != 0);
     let np = padded(p.dstate as usize);
     let chunk = p.chunk_size as usize;
-    let dim = p.dim as usize;
+    let blks = blocks(&p, CB);
+    let nb = blks.len();
     par_for(
-        p.batch as usize * dim,
-        || Scratch::<R>::new(chunk, np),
+        p.batch as usize * nb,
+        || (Scratch::<R>::new(chunk, np), ChanState::<R>::new(np)),
         |i, s| {
+            let k = blks[i % nb];
             // SAFETY: plan_forward validated every tensor; each item writes only its own
-            // channel's rows of out and states.
-            unsafe { f(&p, ind, wd, i / dim, i % dim, s) }
+            // channels' rows of out and states.
+            unsafe { f(&p, ind, wd, i / nb, (k.d0, k.d1), s) }
         },
     );
 }

@@ -9,6 +9,8 @@ from .._boundary import (
     capsule,
     chunk_size_for,
     last_contiguous,
+    new_empty,
+    new_like,
     require_tensor,
     stream_of,
     weight_dtype,
@@ -49,10 +51,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     batch, dim, seqlen = u.shape
     chunk = chunk_size_for(u)
     n_chunks = max(1, -(-seqlen // chunk))
-    out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    states = torch.empty(
-        (batch, dim, n_chunks, A.shape[1]), dtype=weight_dtype(u), device=u.device
-    )
+    out = new_like(u)
+    states = new_empty((batch, dim, n_chunks, A.shape[1]), weight_dtype(u), u.device)
     _native.scan_fwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(out),
@@ -91,27 +91,18 @@ class SelectiveScanFn(torch.autograd.Function):
         dout = last_contiguous(dout)
         if dlast is not None:
             dlast = dlast.contiguous()
-        du = torch.empty_like(u, memory_format=torch.contiguous_format)
-        ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
-        dA = torch.empty_like(A)
-        dB = torch.empty_like(B)
-        dC = torch.empty_like(C)
-        dD = torch.empty_like(D) if D is not None else None
-        dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
-        ddelta_bias = torch.empty_like(delta_bias) if delta_bias is not None else None
-        dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+        du, ddelta, dA, dB, dC = (new_like(x) for x in (u, delta, A, B, C))
+        dD, dz, ddelta_bias, dh0 = (
+            new_like(x) if x is not None else None for x in (D, z, delta_bias, initial_state)
+        )
         _native.scan_bwd(
             capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
             capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
             capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
             capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
-            capsule(dh0), ctx.delta_softplus, states_chunk(u, states), stream_of(u),
+            capsule(dh0), ctx.delta_softplus, chunk_size_for(u), stream_of(u),
         )  # fmt: skip
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
-
-
-def states_chunk(u: torch.Tensor, states: torch.Tensor) -> int:
-    return chunk_size_for(u)
 
 
 def _numpy_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
