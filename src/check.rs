@@ -55,14 +55,22 @@ pub struct Plan {
 
 fn fmt_shape(s: &[i64]) -> String {
     let v: Vec<String> = s.iter().map(|x| x.to_string()).collect();
-    if v.len() == 1 { format!("({},)", v[0]) } else { format!("({})", v.join(", ")) }
+    if v.len() == 1 {
+        format!("({},)", v[0])
+    } else {
+        format!("({})", v.join(", "))
+    }
 }
 
 fn expect_shape(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<()> {
     if t.shape != want {
         return Err(shape_err(
             arg,
-            format!("must have shape {what} = {}; got {}", fmt_shape(want), t.shape_str()),
+            format!(
+                "must have shape {what} = {}; got {}",
+                fmt_shape(want),
+                t.shape_str()
+            ),
         ));
     }
     Ok(())
@@ -70,7 +78,10 @@ fn expect_shape(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<(
 
 fn expect_dtype(t: &TensorView, arg: &str, want: DType, why: &str) -> Result<()> {
     if t.dtype != want {
-        return Err(dtype_err(arg, format!("must be {} ({why}); got {}", want.name(), t.dtype.name())));
+        return Err(dtype_err(
+            arg,
+            format!("must be {} ({why}); got {}", want.name(), t.dtype.name()),
+        ));
     }
     Ok(())
 }
@@ -79,7 +90,10 @@ fn expect_device(t: &TensorView, arg: &str, dev: Device) -> Result<()> {
     if t.device != dev {
         return Err(device_err(
             arg,
-            format!("is on {} but u is on {dev}; all tensors must be on one device", t.device),
+            format!(
+                "is on {} but u is on {dev}; all tensors must be on one device",
+                t.device
+            ),
         ));
     }
     Ok(())
@@ -103,14 +117,20 @@ fn check_bc(
     match t.ndim() {
         2 => {
             if t.shape != [dim, dstate] {
-                return Err(shape_err(arg, format!("must have shape {what}; got {}", t.shape_str())));
+                return Err(shape_err(
+                    arg,
+                    format!("must have shape {what}; got {}", t.shape_str()),
+                ));
             }
             expect_dtype(t, arg, w_dtype, "a fixed (dim, dstate) B/C is a weight")?;
             Ok((false, 1, 0, t.stride(0), t.stride(1)))
         }
         3 => {
             if t.shape != [batch, dstate, seqlen] {
-                return Err(shape_err(arg, format!("must have shape {what}; got {}", t.shape_str())));
+                return Err(shape_err(
+                    arg,
+                    format!("must have shape {what}; got {}", t.shape_str()),
+                ));
             }
             expect_dtype(t, arg, in_dtype, "a variable B/C has u's dtype")?;
             t.require_last_contiguous(arg)?;
@@ -124,13 +144,19 @@ fn check_bc(
                 || g < 1
                 || dim % g != 0
             {
-                return Err(shape_err(arg, format!("must have shape {what}; got {}", t.shape_str())));
+                return Err(shape_err(
+                    arg,
+                    format!("must have shape {what}; got {}", t.shape_str()),
+                ));
             }
             expect_dtype(t, arg, in_dtype, "a variable B/C has u's dtype")?;
             t.require_last_contiguous(arg)?;
             Ok((true, g as i32, t.stride(0), t.stride(1), t.stride(2)))
         }
-        _ => Err(shape_err(arg, format!("must have shape {what}; got {}", t.shape_str()))),
+        _ => Err(shape_err(
+            arg,
+            format!("must have shape {what}; got {}", t.shape_str()),
+        )),
     }
 }
 
@@ -142,26 +168,48 @@ fn to_i32(v: i64, arg: &str, what: &str) -> Result<i32> {
 pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
     let u = a.u;
     if u.ndim() != 3 {
-        return Err(shape_err("u", format!("must have shape (batch, dim, seqlen); got {}", u.shape_str())));
+        return Err(shape_err(
+            "u",
+            format!(
+                "must have shape (batch, dim, seqlen); got {}",
+                u.shape_str()
+            ),
+        ));
     }
     let (batch, dim, seqlen) = (u.shape[0], u.shape[1], u.shape[2]);
     let dev = u.device;
     let in_dtype = u.dtype;
-    let w_dtype = if in_dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let w_dtype = if in_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     if in_dtype == DType::F64 && dev != Device::Cpu {
-        return Err(dtype_err("u", "float64 is supported on the CPU only (for gradcheck)"));
+        return Err(dtype_err(
+            "u",
+            "float64 is supported on the CPU only (for gradcheck)",
+        ));
     }
     u.require_last_contiguous("u")?;
 
     if a.a.ndim() != 2 || a.a.shape[0] != dim {
-        return Err(shape_err("A", format!("must have shape (dim, dstate) with dim = {dim}; got {}", a.a.shape_str())));
+        return Err(shape_err(
+            "A",
+            format!(
+                "must have shape (dim, dstate) with dim = {dim}; got {}",
+                a.a.shape_str()
+            ),
+        ));
     }
     let dstate = a.a.shape[1];
     if dstate < 1 {
         return Err(shape_err("A", "dstate must be at least 1"));
     }
     if dstate > 256 {
-        return Err(shape_err("A", format!("dstate must be at most 256; got {dstate}")));
+        return Err(shape_err(
+            "A",
+            format!("dstate must be at most 256; got {dstate}"),
+        ));
     }
     expect_dtype(a.a, "A", w_dtype, "A is a float32 weight")?;
     expect_device(a.a, "A", dev)?;
@@ -173,8 +221,10 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
 
     expect_device(a.b, "B", dev)?;
     expect_device(a.c, "C", dev)?;
-    let (vb, gb, bbs, bgs, bns) = check_bc(a.b, "B", batch, dim, dstate, seqlen, in_dtype, w_dtype)?;
-    let (vc, gc, cbs, cgs, cns) = check_bc(a.c, "C", batch, dim, dstate, seqlen, in_dtype, w_dtype)?;
+    let (vb, gb, bbs, bgs, bns) =
+        check_bc(a.b, "B", batch, dim, dstate, seqlen, in_dtype, w_dtype)?;
+    let (vc, gc, cbs, cgs, cns) =
+        check_bc(a.c, "C", batch, dim, dstate, seqlen, in_dtype, w_dtype)?;
 
     let mut p = SsmParams {
         batch: to_i32(batch, "u", "batch")?,
@@ -217,7 +267,12 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
     }
     if let Some(bias) = a.delta_bias {
         expect_shape(bias, "delta_bias", &[dim], "(dim,)")?;
-        expect_dtype(bias, "delta_bias", w_dtype, "delta_bias is a float32 weight")?;
+        expect_dtype(
+            bias,
+            "delta_bias",
+            w_dtype,
+            "delta_bias is a float32 weight",
+        )?;
         expect_device(bias, "delta_bias", dev)?;
         bias.require_contiguous("delta_bias")?;
         p.has_delta_bias = 1;
@@ -234,7 +289,12 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
         p.z_d_stride = z.stride(1);
     }
     if let Some(h0) = a.initial_state {
-        expect_shape(h0, "initial_state", &[batch, dim, dstate], "(batch, dim, dstate)")?;
+        expect_shape(
+            h0,
+            "initial_state",
+            &[batch, dim, dstate],
+            "(batch, dim, dstate)",
+        )?;
         expect_dtype(h0, "initial_state", w_dtype, "the state is float32")?;
         expect_device(h0, "initial_state", dev)?;
         h0.require_contiguous("initial_state")?;
@@ -259,11 +319,21 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
         o.states.require_writable("states")?;
         p.states_ptr = o.states.ptr;
     }
-    Ok(Plan { params: p, device: dev, in_dtype, w_dtype })
+    Ok(Plan {
+        params: p,
+        device: dev,
+        in_dtype,
+        w_dtype,
+    })
 }
 
 fn check_states(s: &TensorView, p: &SsmParams, w_dtype: DType, dev: Device) -> Result<()> {
-    let want = [p.batch as i64, p.dim as i64, p.n_chunks as i64, p.dstate as i64];
+    let want = [
+        p.batch as i64,
+        p.dim as i64,
+        p.n_chunks as i64,
+        p.dstate as i64,
+    ];
     expect_shape(s, "states", &want, "(batch, dim, n_chunks, dstate)")?;
     expect_dtype(s, "states", w_dtype, "states are float32")?;
     expect_device(s, "states", dev)?;
@@ -314,9 +384,19 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
         let (var, _, bs, gs, ns) = check_bc(t, arg, batch, dim, dstate, u.shape[2], ind, wd)?;
         let _ = var;
         if is_b {
-            (p.db_ptr, p.db_batch_stride, p.db_group_stride, p.db_dstate_stride) = (t.ptr, bs, gs, ns);
+            (
+                p.db_ptr,
+                p.db_batch_stride,
+                p.db_group_stride,
+                p.db_dstate_stride,
+            ) = (t.ptr, bs, gs, ns);
         } else {
-            (p.dc_ptr, p.dc_batch_stride, p.dc_group_stride, p.dc_dstate_stride) = (t.ptr, bs, gs, ns);
+            (
+                p.dc_ptr,
+                p.dc_batch_stride,
+                p.dc_group_stride,
+                p.dc_dstate_stride,
+            ) = (t.ptr, bs, gs, ns);
         }
     }
     match (p.has_d != 0, g.dd) {
@@ -341,15 +421,30 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
             small(t, "ddelta_bias", &[dim], "(dim,)")?;
             p.ddelta_bias_ptr = t.ptr;
         }
-        (true, None) => return Err(shape_err("ddelta_bias", "required when delta_bias is given")),
+        (true, None) => {
+            return Err(shape_err(
+                "ddelta_bias",
+                "required when delta_bias is given",
+            ));
+        }
         _ => {}
     }
     if let Some(t) = g.dinitial_state {
-        small(t, "dinitial_state", &[batch, dim, dstate], "(batch, dim, dstate)")?;
+        small(
+            t,
+            "dinitial_state",
+            &[batch, dim, dstate],
+            "(batch, dim, dstate)",
+        )?;
         p.dinitial_state_ptr = t.ptr;
     }
     if let Some(t) = g.dlast_state {
-        expect_shape(t, "dlast_state", &[batch, dim, dstate], "(batch, dim, dstate)")?;
+        expect_shape(
+            t,
+            "dlast_state",
+            &[batch, dim, dstate],
+            "(batch, dim, dstate)",
+        )?;
         expect_dtype(t, "dlast_state", wd, "the state is float32")?;
         expect_device(t, "dlast_state", dev)?;
         t.require_contiguous("dlast_state")?;

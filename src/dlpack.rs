@@ -68,12 +68,20 @@ impl TensorView {
     }
     pub fn shape_str(&self) -> String {
         let s: Vec<String> = self.shape.iter().map(|x| x.to_string()).collect();
-        if s.len() == 1 { format!("({},)", s[0]) } else { format!("({})", s.join(", ")) }
+        if s.len() == 1 {
+            format!("({},)", s[0])
+        } else {
+            format!("({})", s.join(", "))
+        }
     }
     /// Stride of dimension `i`, or 0 when that dimension has size 1 (its stride is meaningless,
     /// and torch reports arbitrary values there).
     pub fn stride(&self, i: usize) -> i64 {
-        if self.shape[i] == 1 { 0 } else { self.strides[i] }
+        if self.shape[i] == 1 {
+            0
+        } else {
+            self.strides[i]
+        }
     }
     /// Require stride 1 in the last dimension (ignored when it has size <= 1).
     pub fn require_last_contiguous(&self, arg: &str) -> Result<(), ScanError> {
@@ -84,7 +92,10 @@ impl TensorView {
         if n > 0 && self.shape[n - 1] > 1 && self.strides[n - 1] != 1 {
             return Err(layout_err(
                 arg,
-                format!("last dimension must have stride 1; got strides {:?}", self.strides),
+                format!(
+                    "last dimension must have stride 1; got strides {:?}",
+                    self.strides
+                ),
             ));
         }
         Ok(())
@@ -184,7 +195,8 @@ pub unsafe fn view_from_capsule(
     // object and only returns 1 for a capsule with exactly this name and a non-null pointer.
     let (t, readonly) = unsafe {
         if ffi::PyCapsule_IsValid(capsule, NAME_LEGACY.as_ptr()) == 1 {
-            let m = ffi::PyCapsule_GetPointer(capsule, NAME_LEGACY.as_ptr()) as *const DLManagedTensor;
+            let m =
+                ffi::PyCapsule_GetPointer(capsule, NAME_LEGACY.as_ptr()) as *const DLManagedTensor;
             (&(*m).dl_tensor, false)
         } else if ffi::PyCapsule_IsValid(capsule, NAME_VERSIONED.as_ptr()) == 1 {
             let m = ffi::PyCapsule_GetPointer(capsule, NAME_VERSIONED.as_ptr())
@@ -197,14 +209,20 @@ pub unsafe fn view_from_capsule(
             }
             (&(*m).dl_tensor, (*m).flags & FLAG_READ_ONLY != 0)
         } else {
-            return Err(dtype_err(arg, "expected a DLPack capsule (a torch.Tensor or numpy array)"));
+            return Err(dtype_err(
+                arg,
+                "expected a DLPack capsule (a torch.Tensor or numpy array)",
+            ));
         }
     };
     let ndim = t.ndim.max(0) as usize;
     // SAFETY: DLPack guarantees `shape` has `ndim` entries, and `strides` either null (dense
     // row-major) or `ndim` entries, valid while the capsule lives.
-    let shape: Vec<i64> =
-        if ndim == 0 { vec![] } else { unsafe { std::slice::from_raw_parts(t.shape, ndim) }.to_vec() };
+    let shape: Vec<i64> = if ndim == 0 {
+        vec![]
+    } else {
+        unsafe { std::slice::from_raw_parts(t.shape, ndim) }.to_vec()
+    };
     let strides: Vec<i64> = if t.strides.is_null() {
         let mut s = vec![1i64; ndim];
         for i in (0..ndim.saturating_sub(1)).rev() {
@@ -218,7 +236,10 @@ pub unsafe fn view_from_capsule(
         unsafe { std::slice::from_raw_parts(t.strides, ndim) }.to_vec()
     };
     if t.dtype.lanes != 1 {
-        return Err(dtype_err(arg, "vector dtypes (lanes != 1) are not supported"));
+        return Err(dtype_err(
+            arg,
+            "vector dtypes (lanes != 1) are not supported",
+        ));
     }
     let dtype = match (t.dtype.code, t.dtype.bits) {
         (2, 16) => DType::F16,
@@ -254,5 +275,12 @@ pub unsafe fn view_from_capsule(
         }
     };
     let ptr = (t.data as u64).wrapping_add(t.byte_offset);
-    Ok(TensorView { ptr, dtype, device, shape, strides, readonly })
+    Ok(TensorView {
+        ptr,
+        dtype,
+        device,
+        shape,
+        strides,
+        readonly,
+    })
 }

@@ -44,14 +44,26 @@ impl std::error::Error for ScanError {}
 pub type Result<T> = std::result::Result<T, ScanError>;
 
 pub fn shape_err(arg: &str, msg: impl Into<String>) -> ScanError {
-    ScanError::Shape { arg: arg.to_string(), msg: msg.into() }
+    ScanError::Shape {
+        arg: arg.to_string(),
+        msg: msg.into(),
+    }
 }
 pub fn dtype_err(arg: &str, msg: impl Into<String>) -> ScanError {
-    ScanError::DType { arg: arg.to_string(), msg: msg.into() }
+    ScanError::DType {
+        arg: arg.to_string(),
+        msg: msg.into(),
+    }
 }
 pub fn device_err(arg: &str, msg: impl Into<String>) -> ScanError {
-    ScanError::Device { arg: arg.to_string(), msg: msg.into() }
+    ScanError::Device {
+        arg: arg.to_string(),
+        msg: msg.into(),
+    }
 }
 pub fn layout_err(arg: &str, msg: impl Into<String>) -> ScanError {
-    ScanError::Layout { arg: arg.to_string(), msg: msg.into() }
+    ScanError::Layout {
+        arg: arg.to_string(),
+        msg: msg.into(),
+    }
 }

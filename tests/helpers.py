@@ -35,8 +35,14 @@ def make_inputs(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32, devic
     B = make_bc(b_mode, batch, dim, dstate, seqlen, dtype, device, gen)
     C = make_bc(c_mode, batch, dim, dstate, seqlen, dtype, device, gen)
     D = torch.randn(dim, generator=gen).to(device) if has_d else None
-    z = torch.randn(batch, dim, seqlen, generator=gen).to(device=device, dtype=dtype) if has_z else None
-    bias = torch.randn(dim, generator=gen) * 0.5 if softplus else torch.rand(dim, generator=gen) * 0.1
+    z = (
+        torch.randn(batch, dim, seqlen, generator=gen).to(device=device, dtype=dtype)
+        if has_z
+        else None
+    )
+    bias = (
+        torch.randn(dim, generator=gen) * 0.5 if softplus else torch.rand(dim, generator=gen) * 0.1
+    )
     bias = bias.to(device) if has_bias else None
     h0 = torch.randn(batch, dim, dstate, generator=gen).to(device) if has_h0 else None
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, initial_state=h0)
@@ -48,7 +54,7 @@ def _run(fn, inputs, softplus, last, grads_out):
     kw = dict(leaves)
     h0 = kw.pop("initial_state")
     res = fn(**kw, delta_softplus=softplus, return_last_state=last, initial_state=h0)
-    out, ls = (res if last else (res, None))
+    out, ls = res if last else (res, None)
     loss = (out.double() * grads_out["out"]).sum()
     if last:
         loss = loss + (ls.double() * grads_out["last"]).sum()
@@ -101,5 +107,7 @@ def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="
         tol = 2 * e_pt + 8 * 1.2e-7 * max(scale, 1.0)
         rows.append((name, e_ours, e_pt, tol))
         worst = max(worst, e_ours / tol)
-        assert e_ours <= tol, f"{label} {name}: kernel err {e_ours:.3e} > tol {tol:.3e} (ref err {e_pt:.3e})"
+        assert e_ours <= tol, (
+            f"{label} {name}: kernel err {e_ours:.3e} > tol {tol:.3e} (ref err {e_pt:.3e})"
+        )
     return rows, worst

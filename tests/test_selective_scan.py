@@ -1,16 +1,16 @@
 """Parity of selective_scan_fn (forward and every gradient) against the float64 reference."""
 
 import itertools
-import os
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
 import torch
 
 import mamba_scan
-from mamba_scan import selective_scan_fn, selective_scan_ref
 from helpers import DTYPES, check_parity, make_inputs
+from mamba_scan import selective_scan_fn, selective_scan_ref
 
 SEQLENS = [1, 7, 64, 255, 2048 + 5]
 DSTATES = [1, 16, 64]
@@ -94,7 +94,9 @@ def test_last_state_gradient_only():
     rlast.sum().backward()
     assert h0.grad.abs().max() > 0
     torch.testing.assert_close(h0.grad.double(), rh0.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(leaves["u"].grad.double(), ref_leaves["u"].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        leaves["u"].grad.double(), ref_leaves["u"].grad, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_chunked_prefill_equals_full():
@@ -106,7 +108,9 @@ def test_chunked_prefill_equals_full():
     def half(sl, h0):
         kw = {k: (v[..., sl] if k in ("u", "delta", "z", "B", "C") else v)
               for k, v in inp.items() if k != "initial_state"}  # fmt: skip
-        return selective_scan_fn(**kw, delta_softplus=True, return_last_state=True, initial_state=h0)
+        return selective_scan_fn(
+            **kw, delta_softplus=True, return_last_state=True, initial_state=h0
+        )
 
     o1, h1 = half(slice(0, 170), None)
     o2, h2 = half(slice(170, 300), h1)

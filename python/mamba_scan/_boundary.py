@@ -27,7 +27,7 @@ def stream_of(t: torch.Tensor) -> int:
 
 
 def chunk_size_for(t: torch.Tensor) -> int:
-    if t.device.type == "cuda":
+    if t.device.type == "cuda" and hasattr(_native, "cuda_chunk_size"):
         return _native.cuda_chunk_size()
     return _native.cpu_chunk_size()
 

@@ -86,7 +86,9 @@ def selective_scan_ref(
     return (out, x) if return_last_state else out
 
 
-def selective_scan_slow_path(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_slow_path(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
     """The transformers-style slow path (MambaMixer.slow_forward): materialise exp(A dt) and
     dt B u as (batch, dim, seqlen, dstate) tensors, then loop over seqlen. Used by the benchmarks
     as the baseline that CPU users have today. Variable (batch, dstate, seqlen) B/C only."""

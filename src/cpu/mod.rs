@@ -75,7 +75,13 @@ const ROUND_MAGIC: f32 = 12582912.0;
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     // Comparisons are false for NaN, so NaN flows through to the result.
-    let xc = if x < -88.0 { -88.0 } else if x > 89.0 { 89.0 } else { x };
+    let xc = if x < -88.0 {
+        -88.0
+    } else if x > 89.0 {
+        89.0
+    } else {
+        x
+    };
     let r = xc * LOG2E + ROUND_MAGIC;
     let kf = r - ROUND_MAGIC;
     let ki = (r.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
@@ -106,7 +112,13 @@ pub fn madd<R: Real, const FMA: bool>(a: R, b: R, c: R) -> R {
 /// the rounding of y, which the fp32 reference's exp(dt * A) shares). Flushes below 2^-126.
 #[inline(always)]
 pub fn exp2_f32<const FMA: bool>(y: f32) -> f32 {
-    let yc = if y < -127.0 { -127.0 } else if y > 128.0 { 128.0 } else { y };
+    let yc = if y < -127.0 {
+        -127.0
+    } else if y > 128.0 {
+        128.0
+    } else {
+        y
+    };
     let r = yc + ROUND_MAGIC;
     let kf = r - ROUND_MAGIC;
     let ki = (r.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
@@ -199,10 +211,17 @@ impl Real for f32 {
         unsafe {
             match dtype {
                 DType::F32 => dst.copy_from_slice(std::slice::from_raw_parts(ptr as *const f32, n)),
-                DType::F16 => std::slice::from_raw_parts(ptr as *const f16, n).convert_to_f32_slice(dst),
-                DType::BF16 => std::slice::from_raw_parts(ptr as *const bf16, n).convert_to_f32_slice(dst),
+                DType::F16 => {
+                    std::slice::from_raw_parts(ptr as *const f16, n).convert_to_f32_slice(dst)
+                }
+                DType::BF16 => {
+                    std::slice::from_raw_parts(ptr as *const bf16, n).convert_to_f32_slice(dst)
+                }
                 DType::F64 => {
-                    for (o, i) in dst.iter_mut().zip(std::slice::from_raw_parts(ptr as *const f64, n)) {
+                    for (o, i) in dst
+                        .iter_mut()
+                        .zip(std::slice::from_raw_parts(ptr as *const f64, n))
+                    {
                         *o = *i as f32;
                     }
                 }
@@ -215,11 +234,20 @@ impl Real for f32 {
         // SAFETY: the caller guarantees `n` writable elements of `dtype` at `ptr`.
         unsafe {
             match dtype {
-                DType::F32 => std::slice::from_raw_parts_mut(ptr as *mut f32, n).copy_from_slice(src),
-                DType::F16 => std::slice::from_raw_parts_mut(ptr as *mut f16, n).convert_from_f32_slice(src),
-                DType::BF16 => std::slice::from_raw_parts_mut(ptr as *mut bf16, n).convert_from_f32_slice(src),
+                DType::F32 => {
+                    std::slice::from_raw_parts_mut(ptr as *mut f32, n).copy_from_slice(src)
+                }
+                DType::F16 => {
+                    std::slice::from_raw_parts_mut(ptr as *mut f16, n).convert_from_f32_slice(src)
+                }
+                DType::BF16 => {
+                    std::slice::from_raw_parts_mut(ptr as *mut bf16, n).convert_from_f32_slice(src)
+                }
                 DType::F64 => {
-                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f64, n).iter_mut().zip(src) {
+                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f64, n)
+                        .iter_mut()
+                        .zip(src)
+                    {
                         *o = *i as f64;
                     }
                 }
@@ -245,7 +273,11 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn softplus(self) -> Self {
-        if self > 20.0 { self } else { self.exp().ln_1p() }
+        if self > 20.0 {
+            self
+        } else {
+            self.exp().ln_1p()
+        }
     }
     #[inline(always)]
     fn fexp2<const FMA: bool>(self) -> Self {
@@ -267,17 +299,26 @@ impl Real for f64 {
             match dtype {
                 DType::F64 => dst.copy_from_slice(std::slice::from_raw_parts(ptr as *const f64, n)),
                 DType::F32 => {
-                    for (o, i) in dst.iter_mut().zip(std::slice::from_raw_parts(ptr as *const f32, n)) {
+                    for (o, i) in dst
+                        .iter_mut()
+                        .zip(std::slice::from_raw_parts(ptr as *const f32, n))
+                    {
                         *o = *i as f64;
                     }
                 }
                 DType::F16 => {
-                    for (o, i) in dst.iter_mut().zip(std::slice::from_raw_parts(ptr as *const f16, n)) {
+                    for (o, i) in dst
+                        .iter_mut()
+                        .zip(std::slice::from_raw_parts(ptr as *const f16, n))
+                    {
                         *o = i.to_f64();
                     }
                 }
                 DType::BF16 => {
-                    for (o, i) in dst.iter_mut().zip(std::slice::from_raw_parts(ptr as *const bf16, n)) {
+                    for (o, i) in dst
+                        .iter_mut()
+                        .zip(std::slice::from_raw_parts(ptr as *const bf16, n))
+                    {
                         *o = i.to_f64();
                     }
                 }
@@ -290,19 +331,30 @@ impl Real for f64 {
         // SAFETY: as for f32.
         unsafe {
             match dtype {
-                DType::F64 => std::slice::from_raw_parts_mut(ptr as *mut f64, n).copy_from_slice(src),
+                DType::F64 => {
+                    std::slice::from_raw_parts_mut(ptr as *mut f64, n).copy_from_slice(src)
+                }
                 DType::F32 => {
-                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f32, n).iter_mut().zip(src) {
+                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f32, n)
+                        .iter_mut()
+                        .zip(src)
+                    {
                         *o = *i as f32;
                     }
                 }
                 DType::F16 => {
-                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f16, n).iter_mut().zip(src) {
+                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut f16, n)
+                        .iter_mut()
+                        .zip(src)
+                    {
                         *o = f16::from_f64(*i);
                     }
                 }
                 DType::BF16 => {
-                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut bf16, n).iter_mut().zip(src) {
+                    for (o, i) in std::slice::from_raw_parts_mut(ptr as *mut bf16, n)
+                        .iter_mut()
+                        .zip(src)
+                    {
                         *o = bf16::from_f64(*i);
                     }
                 }
@@ -454,7 +506,11 @@ mod tests {
             let mut worst = 0.0f64;
             let mut y = -126.0f32;
             while y < 127.0 {
-                let got = if fma { exp2_f32::<true>(y) } else { exp2_f32::<false>(y) } as f64;
+                let got = if fma {
+                    exp2_f32::<true>(y)
+                } else {
+                    exp2_f32::<false>(y)
+                } as f64;
                 let want = (y as f64).exp2();
                 worst = worst.max(((got - want) / want).abs());
                 y += 0.001_37;

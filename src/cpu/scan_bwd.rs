@@ -8,8 +8,8 @@
 //! in a fixed order. The result is bitwise identical across runs and thread counts.
 
 use super::scan_fwd::{
-    Block, CB, ChanState, MAX_NB, blk, blk_mut, blocks, hsum, isa_variants, load_bc, load_initial, load_steps,
-    padded, state_off,
+    Block, CB, ChanState, MAX_NB, blk, blk_mut, blocks, hsum, isa_variants, load_bc, load_initial,
+    load_steps, padded, state_off,
 };
 use super::{Real, W, addr, madd, par_for, sigmoid};
 use crate::check::Plan;
@@ -120,8 +120,16 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
         let dtu = dtv * s.u[t];
         let mut acc = [R::ZERO; W];
         for k in 0..nb {
-            let bb = if VB { blk(&s.bt, t * np + k * W) } else { &bfr[k] };
-            let cb = if VC { blk(&s.ct, t * np + k * W) } else { &cfr[k] };
+            let bb = if VB {
+                blk(&s.bt, t * np + k * W)
+            } else {
+                &bfr[k]
+            };
+            let cb = if VC {
+                blk(&s.ct, t * np + k * W)
+            } else {
+                &cfr[k]
+            };
             let dab = blk_mut(&mut s.da, t * np + k * W);
             for l in 0..W {
                 let e = (dtv * ar[k][l]).fexp2::<FMA>();
@@ -167,11 +175,23 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
         let mut sdu = [R::ZERO; W];
         let mut sdt = [R::ZERO; W];
         for k in 0..nb {
-            let bb = if VB { blk(&s.bt, t * np + k * W) } else { &bfr[k] };
-            let cb = if VC { blk(&s.ct, t * np + k * W) } else { &cfr[k] };
+            let bb = if VB {
+                blk(&s.bt, t * np + k * W)
+            } else {
+                &bfr[k]
+            };
+            let cb = if VC {
+                blk(&s.ct, t * np + k * W)
+            } else {
+                &cfr[k]
+            };
             let dab = blk(&s.da, t * np + k * W);
             let hcur = blk(&s.hs, t * np + k * W);
-            let hprev: &[R; W] = if t > 0 { blk(&s.hs, (t - 1) * np + k * W) } else { blk(&s.h0, k * W) };
+            let hprev: &[R; W] = if t > 0 {
+                blk(&s.hs, (t - 1) * np + k * W)
+            } else {
+                blk(&s.h0, k * W)
+            };
             let mut dbv = [R::ZERO; W];
             let mut dcv = [R::ZERO; W];
             for l in 0..W {
@@ -210,7 +230,11 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
     }
     for k in 0..nb {
         *blk_mut(&mut s.g, o + k * W) = gr[k];
-        for (acc, part) in [(&mut s.acc_a, &daa[k]), (&mut s.acc_b, &dbf[k]), (&mut s.acc_c, &dcf[k])] {
+        for (acc, part) in [
+            (&mut s.acc_a, &daa[k]),
+            (&mut s.acc_b, &dbf[k]),
+            (&mut s.acc_c, &dcf[k]),
+        ] {
             let x = blk_mut(acc, o + k * W);
             for l in 0..W {
                 x[l] = x[l] + part[l];
@@ -260,31 +284,77 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
             if p.has_dlast_state != 0 {
                 for j in 0..nch {
                     let off = ((b * dim + sd0 + j) * n_state) as i64;
-                    R::load(wd, addr(p.dlast_state_ptr, off, wd), &mut s.g[j * np..j * np + n_state]);
+                    R::load(
+                        wd,
+                        addr(p.dlast_state_ptr, off, wd),
+                        &mut s.g[j * np..j * np + n_state],
+                    );
                 }
             }
             for c in (0..p.n_chunks as usize).rev() {
                 let t0 = c * k;
                 let len = k.min(seqlen.saturating_sub(t0));
                 if VB {
-                    load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, sd0, t0, len, np, &mut s.row, &mut s.bt);
+                    load_bc::<R, true>(
+                        p,
+                        ind,
+                        wd,
+                        p.b_ptr,
+                        (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride),
+                        p.b_ngroups,
+                        b,
+                        sd0,
+                        t0,
+                        len,
+                        np,
+                        &mut s.row,
+                        &mut s.bt,
+                    );
                     s.dbt[..len * np].fill(R::ZERO);
                 }
                 if VC {
-                    load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, sd0, t0, len, np, &mut s.row, &mut s.ct);
+                    load_bc::<R, true>(
+                        p,
+                        ind,
+                        wd,
+                        p.c_ptr,
+                        (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride),
+                        p.c_ngroups,
+                        b,
+                        sd0,
+                        t0,
+                        len,
+                        np,
+                        &mut s.row,
+                        &mut s.ct,
+                    );
                     s.dct[..len * np].fill(R::ZERO);
                 }
                 for j in 0..nch {
                     let d = sd0 + j;
                     let di = d as i64;
                     let bias = s.cs.bias[j];
-                    load_steps(p, ind, b, d, t0, len, bias, &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
-                    R::load(ind, addr(p.dout_ptr, bi * p.dout_batch_stride + di * p.dout_d_stride + t0 as i64, ind), &mut s.dout[..len]);
+                    load_steps(
+                        p, ind, b, d, t0, len, bias, &mut s.u, &mut s.x, &mut s.dt, &mut s.z,
+                    );
+                    R::load(
+                        ind,
+                        addr(
+                            p.dout_ptr,
+                            bi * p.dout_batch_stride + di * p.dout_d_stride + t0 as i64,
+                            ind,
+                        ),
+                        &mut s.dout[..len],
+                    );
                     if c == 0 {
                         load_initial(p, wd, b, d, &mut s.h0);
                     } else {
                         s.h0.fill(R::ZERO);
-                        R::load(wd, addr(p.states_ptr, state_off(p, b, d, c - 1), wd), &mut s.h0[..n_state]);
+                        R::load(
+                            wd,
+                            addr(p.states_ptr, state_off(p, b, d, c - 1), wd),
+                            &mut s.h0[..n_state],
+                        );
                     }
                     match nblk {
                         1 => chan_chunk::<R, 1, VB, VC, FMA>(1, len, j, s, has_z),
@@ -304,10 +374,34 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                     }
                     s.dbias[j] = s.dbias[j] + dbias;
                     let t0i = t0 as i64;
-                    R::store(ind, addr(p.du_ptr, bi * p.du_batch_stride + di * p.du_d_stride + t0i, ind), &s.du[..len]);
-                    R::store(ind, addr(p.ddelta_ptr, bi * p.ddelta_batch_stride + di * p.ddelta_d_stride + t0i, ind), &s.ddt[..len]);
+                    R::store(
+                        ind,
+                        addr(
+                            p.du_ptr,
+                            bi * p.du_batch_stride + di * p.du_d_stride + t0i,
+                            ind,
+                        ),
+                        &s.du[..len],
+                    );
+                    R::store(
+                        ind,
+                        addr(
+                            p.ddelta_ptr,
+                            bi * p.ddelta_batch_stride + di * p.ddelta_d_stride + t0i,
+                            ind,
+                        ),
+                        &s.ddt[..len],
+                    );
                     if has_z {
-                        R::store(ind, addr(p.dz_ptr, bi * p.dz_batch_stride + di * p.dz_d_stride + t0i, ind), &s.dz[..len]);
+                        R::store(
+                            ind,
+                            addr(
+                                p.dz_ptr,
+                                bi * p.dz_batch_stride + di * p.dz_d_stride + t0i,
+                                ind,
+                            ),
+                            &s.dz[..len],
+                        );
                     }
                 }
                 if VB {
@@ -332,7 +426,11 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                 let o = j * np;
                 if p.dinitial_state_ptr != 0 {
                     let off = ((b * dim + d) * n_state) as i64;
-                    R::store(wd, addr(p.dinitial_state_ptr, off, wd), &s.g[o..o + n_state]);
+                    R::store(
+                        wd,
+                        addr(p.dinitial_state_ptr, off, wd),
+                        &s.g[o..o + n_state],
+                    );
                 }
                 let ch = std::slice::from_raw_parts_mut(chan.add((b * dim + d) * ns), ns);
                 ch[..n_state].copy_from_slice(&s.acc_a[o..o + n_state]);
@@ -346,13 +444,23 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
     }
 }
 
-isa_variants!(bwd_block, BwdScratch<R>, (usize, usize, u64, u64, u64), pick_bwd);
+isa_variants!(
+    bwd_block,
+    BwdScratch<R>,
+    (usize, usize, u64, u64, u64),
+    pick_bwd
+);
 
 fn run<R: Real>(plan: &Plan) {
     let p = plan.params;
     let (ind, wd) = (plan.in_dtype, plan.w_dtype);
     let (vb, vc) = (p.is_variable_b != 0, p.is_variable_c != 0);
-    let (batch, dim, n, seqlen) = (p.batch as usize, p.dim as usize, p.dstate as usize, p.seqlen as usize);
+    let (batch, dim, n, seqlen) = (
+        p.batch as usize,
+        p.dim as usize,
+        p.dstate as usize,
+        p.seqlen as usize,
+    );
     let nseg = blocks(&p, usize::MAX).len();
     let per_part = (vb as usize + vc as usize) * n * seqlen;
     // Without variable B/C there are no partials: cut finely for parallelism. With them, each
@@ -371,7 +479,11 @@ fn run<R: Real>(plan: &Plan) {
     let mut part_c = vec![R::ZERO; if vc { batch * nb * rows } else { 0 }];
     let ns = chan_slots(n);
     let mut chan = vec![R::ZERO; batch * dim * ns];
-    let (pb0, pc0, ch0) = (part_b.as_mut_ptr() as u64, part_c.as_mut_ptr() as u64, chan.as_mut_ptr() as u64);
+    let (pb0, pc0, ch0) = (
+        part_b.as_mut_ptr() as u64,
+        part_c.as_mut_ptr() as u64,
+        chan.as_mut_ptr() as u64,
+    );
     let f = pick_bwd::<R>(vb, vc);
     let np = padded(n);
     let chunk = p.chunk_size as usize;
@@ -412,7 +524,15 @@ fn run<R: Real>(plan: &Plan) {
                     *t = sum_chan(n + nn, d);
                 }
                 for (nn, t) in tmp.iter().enumerate() {
-                    R::store(wd, addr(p.db_ptr, d as i64 * p.db_group_stride + nn as i64 * p.db_dstate_stride, wd), &[*t]);
+                    R::store(
+                        wd,
+                        addr(
+                            p.db_ptr,
+                            d as i64 * p.db_group_stride + nn as i64 * p.db_dstate_stride,
+                            wd,
+                        ),
+                        &[*t],
+                    );
                 }
             }
             if !vc {
@@ -420,21 +540,43 @@ fn run<R: Real>(plan: &Plan) {
                     *t = sum_chan(2 * n + nn, d);
                 }
                 for (nn, t) in tmp.iter().enumerate() {
-                    R::store(wd, addr(p.dc_ptr, d as i64 * p.dc_group_stride + nn as i64 * p.dc_dstate_stride, wd), &[*t]);
+                    R::store(
+                        wd,
+                        addr(
+                            p.dc_ptr,
+                            d as i64 * p.dc_group_stride + nn as i64 * p.dc_dstate_stride,
+                            wd,
+                        ),
+                        &[*t],
+                    );
                 }
             }
             if p.has_d != 0 {
                 R::store(wd, addr(p.dd_ptr, d as i64, wd), &[sum_chan(3 * n, d)]);
             }
             if p.has_delta_bias != 0 {
-                R::store(wd, addr(p.ddelta_bias_ptr, d as i64, wd), &[sum_chan(3 * n + 1, d)]);
+                R::store(
+                    wd,
+                    addr(p.ddelta_bias_ptr, d as i64, wd),
+                    &[sum_chan(3 * n + 1, d)],
+                );
             }
         }
         let reduce = |part: &Vec<R>, ngroups: usize, is_b: bool| {
             let (ptr, bs, gs, nst) = if is_b {
-                (p.db_ptr, p.db_batch_stride, p.db_group_stride, p.db_dstate_stride)
+                (
+                    p.db_ptr,
+                    p.db_batch_stride,
+                    p.db_group_stride,
+                    p.db_dstate_stride,
+                )
             } else {
-                (p.dc_ptr, p.dc_batch_stride, p.dc_group_stride, p.dc_dstate_stride)
+                (
+                    p.dc_ptr,
+                    p.dc_batch_stride,
+                    p.dc_group_stride,
+                    p.dc_dstate_stride,
+                )
             };
             let pp = part.as_ptr() as u64;
             par_for(
@@ -484,7 +626,11 @@ pub unsafe fn backward(plan: &Plan) {
         unsafe { zero_weight_grads(plan) };
         return;
     }
-    if plan.w_dtype == DType::F64 { run::<f64>(plan) } else { run::<f32>(plan) }
+    if plan.w_dtype == DType::F64 {
+        run::<f64>(plan)
+    } else {
+        run::<f32>(plan)
+    }
 }
 
 unsafe fn zero_weight_grads(plan: &Plan) {
@@ -504,14 +650,30 @@ unsafe fn zero_weight_grads(plan: &Plan) {
         if p.is_variable_b == 0 {
             for d in 0..dim {
                 for nn in 0..n {
-                    f32::store(wd, addr(p.db_ptr, d as i64 * p.db_group_stride + nn as i64 * p.db_dstate_stride, wd), &[0.0]);
+                    f32::store(
+                        wd,
+                        addr(
+                            p.db_ptr,
+                            d as i64 * p.db_group_stride + nn as i64 * p.db_dstate_stride,
+                            wd,
+                        ),
+                        &[0.0],
+                    );
                 }
             }
         }
         if p.is_variable_c == 0 {
             for d in 0..dim {
                 for nn in 0..n {
-                    f32::store(wd, addr(p.dc_ptr, d as i64 * p.dc_group_stride + nn as i64 * p.dc_dstate_stride, wd), &[0.0]);
+                    f32::store(
+                        wd,
+                        addr(
+                            p.dc_ptr,
+                            d as i64 * p.dc_group_stride + nn as i64 * p.dc_dstate_stride,
+                            wd,
+                        ),
+                        &[0.0],
+                    );
                 }
             }
         }

@@ -142,14 +142,34 @@ pub(crate) unsafe fn load_steps<R: Real>(
     let (b, d) = (b as i64, d as i64);
     // SAFETY: rows of length seqlen with last stride 1; [t0, t0+len) lies inside.
     unsafe {
-        R::load(ind, addr(p.u_ptr, b * p.u_batch_stride + d * p.u_d_stride + t0 as i64, ind), &mut s_u[..len]);
         R::load(
             ind,
-            addr(p.delta_ptr, b * p.delta_batch_stride + d * p.delta_d_stride + t0 as i64, ind),
+            addr(
+                p.u_ptr,
+                b * p.u_batch_stride + d * p.u_d_stride + t0 as i64,
+                ind,
+            ),
+            &mut s_u[..len],
+        );
+        R::load(
+            ind,
+            addr(
+                p.delta_ptr,
+                b * p.delta_batch_stride + d * p.delta_d_stride + t0 as i64,
+                ind,
+            ),
             &mut s_x[..len],
         );
         if p.has_z != 0 {
-            R::load(ind, addr(p.z_ptr, b * p.z_batch_stride + d * p.z_d_stride + t0 as i64, ind), &mut s_z[..len]);
+            R::load(
+                ind,
+                addr(
+                    p.z_ptr,
+                    b * p.z_batch_stride + d * p.z_d_stride + t0 as i64,
+                    ind,
+                ),
+                &mut s_z[..len],
+            );
         }
     }
     for x in s_x[..len].iter_mut() {
@@ -183,7 +203,13 @@ pub(crate) unsafe fn load_scalar<R: Real>(present: bool, ptr: u64, wd: DType, d:
 /// # Safety
 /// As checked by `plan_forward`.
 #[inline(always)]
-pub(crate) unsafe fn load_initial<R: Real>(p: &SsmParams, wd: DType, b: usize, d: usize, h: &mut [R]) {
+pub(crate) unsafe fn load_initial<R: Real>(
+    p: &SsmParams,
+    wd: DType,
+    b: usize,
+    d: usize,
+    h: &mut [R],
+) {
     let n = p.dstate as usize;
     h.fill(R::ZERO);
     if p.has_initial_state != 0 {
@@ -204,7 +230,13 @@ pub(crate) fn state_off(p: &SsmParams, b: usize, d: usize, c: usize) -> i64 {
 /// channel's fixed vectors.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn scan_steps<R: Real, const NB: usize, const VB: bool, const VC: bool, const FMA: bool>(
+pub(crate) fn scan_steps<
+    R: Real,
+    const NB: usize,
+    const VB: bool,
+    const VC: bool,
+    const FMA: bool,
+>(
     nb: usize,
     a2: &[R],
     bt: &[R],
@@ -266,7 +298,9 @@ pub(crate) fn blocks(p: &SsmParams, max_len: usize) -> Vec<Block> {
     let dim = p.dim as usize;
     let sb = dim / p.b_ngroups as usize;
     let sc = dim / p.c_ngroups as usize;
-    let cuts: Vec<usize> = (0..=dim).filter(|d| d % sb == 0 || d % sc == 0 || *d == dim).collect();
+    let cuts: Vec<usize> = (0..=dim)
+        .filter(|d| d % sb == 0 || d % sc == 0 || *d == dim)
+        .collect();
     let mut out = Vec::new();
     for w in cuts.windows(2) {
         let (s0, s1) = (w[0], w[1]);
@@ -275,7 +309,12 @@ pub(crate) fn blocks(p: &SsmParams, max_len: usize) -> Vec<Block> {
         let mut d = s0;
         while d < s1 {
             let e = (d + per).min(s1);
-            out.push(Block { d0: d, d1: e, gb: d / sb, gc: d / sc });
+            out.push(Block {
+                d0: d,
+                d1: e,
+                gb: d / sb,
+                gc: d / sc,
+            });
             d = e;
         }
     }
@@ -309,7 +348,17 @@ impl<R: Real> ChanState<R> {
     /// # Safety
     /// As checked by `plan_forward`.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn load(&mut self, p: &SsmParams, ind: DType, wd: DType, b: usize, d0: usize, n: usize, np: usize, row: &mut [R]) {
+    pub unsafe fn load(
+        &mut self,
+        p: &SsmParams,
+        ind: DType,
+        wd: DType,
+        b: usize,
+        d0: usize,
+        n: usize,
+        np: usize,
+        row: &mut [R],
+    ) {
         let log2e = R::from_f64(std::f64::consts::LOG2_E);
         for j in 0..n {
             let d = d0 + j;
@@ -321,10 +370,38 @@ impl<R: Real> ChanState<R> {
                 self.bias[j] = load_scalar(p.has_delta_bias != 0, p.delta_bias_ptr, wd, d);
                 load_initial(p, wd, b, d, &mut self.h[o..o + np]);
                 if p.is_variable_b == 0 {
-                    load_bc::<R, false>(p, ind, wd, p.b_ptr, (0, p.b_group_stride, p.b_dstate_stride), 1, b, d, 0, 0, np, row, &mut self.bf[o..o + np]);
+                    load_bc::<R, false>(
+                        p,
+                        ind,
+                        wd,
+                        p.b_ptr,
+                        (0, p.b_group_stride, p.b_dstate_stride),
+                        1,
+                        b,
+                        d,
+                        0,
+                        0,
+                        np,
+                        row,
+                        &mut self.bf[o..o + np],
+                    );
                 }
                 if p.is_variable_c == 0 {
-                    load_bc::<R, false>(p, ind, wd, p.c_ptr, (0, p.c_group_stride, p.c_dstate_stride), 1, b, d, 0, 0, np, row, &mut self.cf[o..o + np]);
+                    load_bc::<R, false>(
+                        p,
+                        ind,
+                        wd,
+                        p.c_ptr,
+                        (0, p.c_group_stride, p.c_dstate_stride),
+                        1,
+                        b,
+                        d,
+                        0,
+                        0,
+                        np,
+                        row,
+                        &mut self.cf[o..o + np],
+                    );
                 }
             }
             for x in self.a2[o..o + np].iter_mut() {
@@ -361,15 +438,45 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
             let t0 = c * k;
             let len = k.min(seqlen.saturating_sub(t0));
             if VB {
-                load_bc::<R, true>(p, ind, wd, p.b_ptr, (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride), p.b_ngroups, b, d0, t0, len, np, &mut s.row, &mut s.bt);
+                load_bc::<R, true>(
+                    p,
+                    ind,
+                    wd,
+                    p.b_ptr,
+                    (p.b_batch_stride, p.b_group_stride, p.b_dstate_stride),
+                    p.b_ngroups,
+                    b,
+                    d0,
+                    t0,
+                    len,
+                    np,
+                    &mut s.row,
+                    &mut s.bt,
+                );
             }
             if VC {
-                load_bc::<R, true>(p, ind, wd, p.c_ptr, (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride), p.c_ngroups, b, d0, t0, len, np, &mut s.row, &mut s.ct);
+                load_bc::<R, true>(
+                    p,
+                    ind,
+                    wd,
+                    p.c_ptr,
+                    (p.c_batch_stride, p.c_group_stride, p.c_dstate_stride),
+                    p.c_ngroups,
+                    b,
+                    d0,
+                    t0,
+                    len,
+                    np,
+                    &mut s.row,
+                    &mut s.ct,
+                );
             }
             for j in 0..nch {
                 let d = d0 + j;
                 let o = j * np;
-                load_steps(p, ind, b, d, t0, len, cs.bias[j], &mut s.u, &mut s.x, &mut s.dt, &mut s.z);
+                load_steps(
+                    p, ind, b, d, t0, len, cs.bias[j], &mut s.u, &mut s.x, &mut s.dt, &mut s.z,
+                );
                 let h = &mut cs.h[o..o + np];
                 let a2 = &cs.a2[o..o + np];
                 let (bt, bf, ct, cf) = (&s.bt[..], &cs.bf[o..o + np], &s.ct[..], &cs.cf[o..o + np]);
@@ -378,7 +485,9 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                     1 => scan_steps::<R, 1, VB, VC, FMA>(1, a2, bt, bf, ct, cf, dt, u, y, h),
                     2 => scan_steps::<R, 2, VB, VC, FMA>(2, a2, bt, bf, ct, cf, dt, u, y, h),
                     3 | 4 => scan_steps::<R, 4, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h),
-                    _ => scan_steps::<R, MAX_NB, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h),
+                    _ => {
+                        scan_steps::<R, MAX_NB, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h)
+                    }
                 }
                 let dval = cs.dval[j];
                 for t in 0..len {
@@ -391,7 +500,11 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                 }
                 let off = b as i64 * p.out_batch_stride + d as i64 * p.out_d_stride + t0 as i64;
                 R::store(ind, addr(p.out_ptr, off, ind), &s.y[..len]);
-                R::store(wd, addr(p.states_ptr, state_off(p, b, d, c), wd), &h[..n_state]);
+                R::store(
+                    wd,
+                    addr(p.states_ptr, state_off(p, b, d, c), wd),
+                    &h[..n_state],
+                );
             }
         }
     }
@@ -401,22 +514,46 @@ macro_rules! isa_variants {
     ($generic:ident, $scratch:ty, $item:ty, $pick:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
+        unsafe fn avx512<R: Real, const VB: bool, const VC: bool>(
+            p: &SsmParams,
+            ind: DType,
+            wd: DType,
+            b: usize,
+            k: $item,
+            s: &mut $scratch,
+        ) {
             // SAFETY: forwarded contract; the CPU supports these features (checked by isa()).
             unsafe { $generic::<R, VB, VC, true>(p, ind, wd, b, k, s) }
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
+        unsafe fn avx2<R: Real, const VB: bool, const VC: bool>(
+            p: &SsmParams,
+            ind: DType,
+            wd: DType,
+            b: usize,
+            k: $item,
+            s: &mut $scratch,
+        ) {
             // SAFETY: as above.
             unsafe { $generic::<R, VB, VC, true>(p, ind, wd, b, k, s) }
         }
-        unsafe fn baseline<R: Real, const VB: bool, const VC: bool>(p: &SsmParams, ind: DType, wd: DType, b: usize, k: $item, s: &mut $scratch) {
+        unsafe fn baseline<R: Real, const VB: bool, const VC: bool>(
+            p: &SsmParams,
+            ind: DType,
+            wd: DType,
+            b: usize,
+            k: $item,
+            s: &mut $scratch,
+        ) {
             // SAFETY: forwarded contract. No FMA: mul_add would be a libm call here.
             unsafe { $generic::<R, VB, VC, false>(p, ind, wd, b, k, s) }
         }
         #[allow(clippy::type_complexity)]
-        fn $pick<R: Real>(vb: bool, vc: bool) -> unsafe fn(&SsmParams, DType, DType, usize, $item, &mut $scratch) {
+        fn $pick<R: Real>(
+            vb: bool,
+            vc: bool,
+        ) -> unsafe fn(&SsmParams, DType, DType, usize, $item, &mut $scratch) {
             use $crate::cpu::{Isa, isa};
             macro_rules! by_isa {
                 ($vb:literal, $vc:literal) => {
@@ -440,7 +577,12 @@ macro_rules! isa_variants {
 }
 pub(crate) use isa_variants;
 
-isa_variants!(fwd_block, (Scratch<R>, ChanState<R>), (usize, usize), pick_fwd);
+isa_variants!(
+    fwd_block,
+    (Scratch<R>, ChanState<R>),
+    (usize, usize),
+    pick_fwd
+);
 
 fn run<R: Real>(plan: &Plan) {
     let p = plan.params;
@@ -471,5 +613,9 @@ pub unsafe fn forward(plan: &Plan) {
     if plan.params.batch == 0 || plan.params.dim == 0 {
         return;
     }
-    if plan.w_dtype == DType::F64 { run::<f64>(plan) } else { run::<f32>(plan) }
+    if plan.w_dtype == DType::F64 {
+        run::<f64>(plan)
+    } else {
+        run::<f32>(plan)
+    }
 }

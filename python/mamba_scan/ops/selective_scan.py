@@ -15,7 +15,9 @@ from .._boundary import (
     stream_of,
     weight_dtype,
 )
-from .._native import ShapeError
+from .._native import DeviceError, DTypeError, ShapeError
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -31,10 +33,16 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
         ("initial_state", initial_state, True),
     ):
         require_tensor(x, name, opt)
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias), ("initial_state", initial_state)):  # fmt: skip
+        if x is not None and x.device.type not in ("cpu", "cuda"):
+            raise DeviceError(f"{name}: tensors must be on a CPU or CUDA device; got {x.device}")
     if A.is_complex() or B.is_complex() or C.is_complex():
         raise NotImplementedError(
             "mamba_scan: complex A/B/C are not supported yet (real-valued Mamba only)"
         )
+    if u.dtype not in _FLOAT_DTYPES:
+        raise DTypeError(f"u: expected float32, float16, bfloat16 or float64; got {u.dtype}")
     if u.dim() != 3:
         raise ShapeError(f"u: must have shape (batch, dim, seqlen); got {tuple(u.shape)}")
     if A.dim() != 2:

@@ -1,0 +1,57 @@
+"""Type stubs of the native module (Rust, PyO3)."""
+
+from typing import Any
+
+class ShapeError(ValueError): ...
+class DTypeError(TypeError): ...
+class DeviceError(ValueError): ...
+class LayoutError(ValueError): ...
+class CudaError(RuntimeError): ...
+class CompileError(CudaError): ...
+class LibraryError(RuntimeError): ...
+
+def scan_fwd(
+    u: Any,
+    delta: Any,
+    a: Any,
+    b: Any,
+    c: Any,
+    d: Any | None,
+    z: Any | None,
+    delta_bias: Any | None,
+    initial_state: Any | None,
+    out: Any,
+    states: Any,
+    delta_softplus: bool,
+    chunk_size: int,
+    stream: int = 0,
+) -> None: ...
+def scan_bwd(
+    u: Any,
+    delta: Any,
+    a: Any,
+    b: Any,
+    c: Any,
+    d: Any | None,
+    z: Any | None,
+    delta_bias: Any | None,
+    initial_state: Any | None,
+    states: Any,
+    dout: Any,
+    dlast_state: Any | None,
+    du: Any,
+    ddelta: Any,
+    da: Any,
+    db: Any,
+    dc: Any,
+    dd: Any | None,
+    dz: Any | None,
+    ddelta_bias: Any | None,
+    dinitial_state: Any | None,
+    delta_softplus: bool,
+    chunk_size: int,
+    stream: int = 0,
+) -> None: ...
+def cpu_chunk_size() -> int: ...
+def cpu_isa() -> str: ...
+def cpu_threads() -> int: ...

@@ -1,0 +1,97 @@
+"""Bad inputs raise clear, typed exceptions that name the argument; nothing crashes."""
+
+import numpy as np
+import pytest
+import torch
+
+import mamba_scan
+from helpers import make_inputs
+from mamba_scan import DeviceError, DTypeError, LayoutError, ShapeError, selective_scan_fn
+
+
+def call(**over):
+    inp = make_inputs(dim=8, seqlen=32, dstate=4, has_z=True)
+    inp.pop("initial_state")
+    inp.update(over)
+    return selective_scan_fn(**inp)
+
+
+def test_exception_hierarchy():
+    assert issubclass(ShapeError, ValueError)
+    assert issubclass(DTypeError, TypeError)
+    assert issubclass(DeviceError, ValueError)
+    assert issubclass(LayoutError, ValueError)
+    assert issubclass(mamba_scan.CompileError, mamba_scan.CudaError)
+    assert issubclass(mamba_scan.CudaError, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "over,exc,pattern",
+    [
+        (dict(u=torch.randn(2, 8)), ShapeError, r"u: must have shape \(batch, dim, seqlen\)"),
+        (dict(delta=torch.rand(2, 8, 31)), ShapeError, r"delta: must have shape"),
+        (dict(A=-torch.rand(7, 4)), ShapeError, r"A: must have shape \(dim, dstate\) with dim = 8"),
+        (dict(B=torch.randn(2, 4, 31)), ShapeError, r"B: must have shape"),
+        (dict(B=torch.randn(2, 5, 32)), ShapeError, r"B: must have shape"),
+        (dict(C=torch.randn(3, 4, 32)), ShapeError, r"C: must have shape"),
+        (dict(B=torch.randn(2, 3, 4, 32)), ShapeError, r"ngroups dividing dim = 8"),
+        (dict(B=torch.randn(8, 5)), ShapeError, r"B: must have shape"),
+        (dict(D=torch.randn(7)), ShapeError, r"D: must have shape \(dim,\)"),
+        (dict(z=torch.randn(2, 8, 33)), ShapeError, r"z: must have shape"),
+        (dict(delta_bias=torch.randn(8, 1)), ShapeError, r"delta_bias: must have shape"),
+        (dict(A=-torch.rand(8, 4, dtype=torch.float64)), DTypeError, r"A: must be float32"),
+        (dict(A=-torch.rand(8, 4).half()), DTypeError, r"A: must be float32"),
+        (dict(delta=torch.rand(2, 8, 32).half()), DTypeError, r"delta: must be float32"),
+        (dict(B=torch.randn(2, 4, 32).bfloat16()), DTypeError, r"B: must be float32"),
+        (dict(B=torch.randn(8, 4).half()), DTypeError, r"B: must be float32"),
+        (dict(D=torch.randn(8).half()), DTypeError, r"D: must be float32"),
+        (
+            dict(u=torch.randint(0, 3, (2, 8, 32))),
+            DTypeError,
+            r"u: expected float32.*got torch.int64",
+        ),
+        (
+            dict(delta=torch.randint(0, 3, (2, 8, 32))),
+            DTypeError,
+            r"delta: expected float32.*got int64",
+        ),
+        (dict(u=[1, 2, 3]), DTypeError, r"u: expected a torch.Tensor; got list"),
+        (dict(D=3.0), DTypeError, r"D: expected a torch.Tensor or None; got float"),
+        (dict(A=torch.tensor(1.0)), ShapeError, r"A: expected a tensor with at least one dim"),
+        (dict(A=torch.randn(8, 4, dtype=torch.complex64)), NotImplementedError, r"complex"),
+        (
+            dict(u=torch.randn(2, 8, 32, device="meta")),
+            DeviceError,
+            r"u: tensors must be on a CPU or CUDA",
+        ),
+    ],
+)
+def test_bad_input(over, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(**over)
+
+
+def test_initial_state_shape_and_dtype():
+    with pytest.raises(ShapeError, match=r"initial_state: must have shape \(batch, dim, dstate\)"):
+        call(initial_state=torch.randn(2, 8, 5))
+    with pytest.raises(DTypeError, match=r"initial_state: must be float32"):
+        call(initial_state=torch.randn(2, 8, 4).half())
+
+
+def test_numpy_bad_shapes():
+    inp = make_inputs(dim=8, seqlen=16, dstate=4)
+    args = {k: v.numpy() for k, v in inp.items() if v is not None}
+    args["delta"] = args["delta"][:, :, :8].copy()
+    with pytest.raises(ShapeError, match="delta"):
+        selective_scan_fn(**args)
+    args = {k: v.numpy() for k, v in inp.items() if v is not None}
+    args["A"] = args["A"].astype(np.float64)
+    with pytest.raises(DTypeError, match="A: must be float32"):
+        selective_scan_fn(**args)
+
+
+def test_cuda_unavailable_is_clear():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises((RuntimeError, AssertionError)):
+        call(u=torch.randn(2, 8, 32, device="cuda"))
