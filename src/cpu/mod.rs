@@ -9,6 +9,8 @@
 
 pub mod scan_bwd;
 pub mod scan_fwd;
+#[cfg(test)]
+mod tests;
 
 use crate::dlpack::DType;
 use half::slice::HalfFloatSliceExt;
@@ -456,7 +458,7 @@ where
 pub struct SendPtr(pub u64);
 
 #[cfg(test)]
-mod tests {
+mod math_tests {
     use super::*;
 
     #[test]
