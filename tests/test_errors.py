@@ -95,3 +95,12 @@ def test_cuda_unavailable_is_clear():
         pytest.skip("a GPU is present")
     with pytest.raises((RuntimeError, AssertionError)):
         call(u=torch.randn(2, 8, 32, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices():
+    inp = make_inputs(dim=8, seqlen=32, dstate=4)
+    inp.pop("initial_state")
+    inp = {k: (v.cuda() if k != "A" else v) for k, v in inp.items()}
+    with pytest.raises(DeviceError, match="A: is on cpu but u is on cuda"):
+        selective_scan_fn(**inp)

@@ -280,3 +280,53 @@ fn backward_matches_finite_differences() {
     fd_check!(z, dz);
     fd_check!(h0, dh0);
 }
+
+#[test]
+fn mixed_devices_are_rejected_before_any_access() {
+    // Views only: plan_forward checks metadata and never dereferences.
+    let mk = |dev: Device, shape: &[i64]| {
+        let mut v = view(&mut [0.0f32; 0], DType::F32, shape);
+        v.device = dev;
+        v.ptr = 0x1000;
+        v
+    };
+    let (u, delta) = (
+        mk(Device::Cuda(0), &[2, 4, 8]),
+        mk(Device::Cuda(0), &[2, 4, 8]),
+    );
+    let a = mk(Device::Cpu, &[4, 3]);
+    let (bm, cm) = (
+        mk(Device::Cuda(0), &[2, 3, 8]),
+        mk(Device::Cuda(0), &[2, 3, 8]),
+    );
+    let args = FwdArgs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        b: &bm,
+        c: &cm,
+        d: None,
+        z: None,
+        delta_bias: None,
+        initial_state: None,
+        delta_softplus: false,
+        chunk_size: 4,
+    };
+    let err = plan_forward(&args, None).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "A: is on cpu but u is on cuda:0; all tensors must be on one device"
+    );
+    let c1 = mk(Device::Cuda(1), &[2, 3, 8]);
+    let a0 = mk(Device::Cuda(0), &[4, 3]);
+    let args = FwdArgs {
+        a: &a0,
+        c: &c1,
+        ..args
+    };
+    let err = plan_forward(&args, None).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "C: is on cuda:1 but u is on cuda:0; all tensors must be on one device"
+    );
+}
