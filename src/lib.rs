@@ -100,6 +100,51 @@ fn opt_view(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Tensor
     }
 }
 
+/// The decoded inputs of a scan call (shared by forward and backward).
+struct Inputs {
+    req: [TensorView; 5],
+    opt: [Option<TensorView>; 4],
+}
+
+impl Inputs {
+    fn decode(
+        req: [&Bound<'_, PyAny>; 5],
+        opt: [Option<&Bound<'_, PyAny>>; 4],
+    ) -> PyResult<Inputs> {
+        const REQ: [&str; 5] = ["u", "delta", "A", "B", "C"];
+        const OPT: [&str; 4] = ["D", "z", "delta_bias", "initial_state"];
+        let mut r = Vec::with_capacity(5);
+        for (obj, name) in req.into_iter().zip(REQ) {
+            r.push(view(obj, name)?);
+        }
+        let mut o = Vec::with_capacity(4);
+        for (obj, name) in opt.into_iter().zip(OPT) {
+            o.push(opt_view(obj, name)?);
+        }
+        let req: [TensorView; 5] = r.try_into().expect("five views");
+        let opt: [Option<TensorView>; 4] = o.try_into().expect("four views");
+        Ok(Inputs { req, opt })
+    }
+
+    fn args(&self, delta_softplus: bool, chunk_size: i32) -> FwdArgs<'_> {
+        let [u, delta, a, b, c] = &self.req;
+        let [d, z, bias, h0] = &self.opt;
+        FwdArgs {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d: d.as_ref(),
+            z: z.as_ref(),
+            delta_bias: bias.as_ref(),
+            initial_state: h0.as_ref(),
+            delta_softplus,
+            chunk_size,
+        }
+    }
+}
+
 /// Run `f` without the GIL, turning a panic into a RuntimeError (a panic must never reach Python
 /// as PanicException, which `except Exception` does not catch).
 fn run_detached<F>(py: Python<'_>, f: F) -> PyResult<()>
@@ -174,32 +219,9 @@ fn scan_fwd(
     chunk_size: i32,
     stream: u64,
 ) -> PyResult<()> {
-    let (u, delta, a, b, c) = (
-        view(u, "u")?,
-        view(delta, "delta")?,
-        view(a, "A")?,
-        view(b, "B")?,
-        view(c, "C")?,
-    );
-    let (d, z) = (opt_view(d, "D")?, opt_view(z, "z")?);
-    let (bias, h0) = (
-        opt_view(delta_bias, "delta_bias")?,
-        opt_view(initial_state, "initial_state")?,
-    );
+    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
     let (out, states) = (view(out, "out")?, view(states, "states")?);
-    let args = FwdArgs {
-        u: &u,
-        delta: &delta,
-        a: &a,
-        b: &b,
-        c: &c,
-        d: d.as_ref(),
-        z: z.as_ref(),
-        delta_bias: bias.as_ref(),
-        initial_state: h0.as_ref(),
-        delta_softplus,
-        chunk_size,
-    };
+    let args = inputs.args(delta_softplus, chunk_size);
     let plan = check::plan_forward(
         &args,
         Some(&FwdOut {
@@ -243,18 +265,7 @@ fn scan_bwd(
     chunk_size: i32,
     stream: u64,
 ) -> PyResult<()> {
-    let (u, delta, a, b, c) = (
-        view(u, "u")?,
-        view(delta, "delta")?,
-        view(a, "A")?,
-        view(b, "B")?,
-        view(c, "C")?,
-    );
-    let (d, z) = (opt_view(d, "D")?, opt_view(z, "z")?);
-    let (bias, h0) = (
-        opt_view(delta_bias, "delta_bias")?,
-        opt_view(initial_state, "initial_state")?,
-    );
+    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
     let (states, dout, dlast) = (
         view(states, "states")?,
         view(dout, "dout")?,
@@ -273,19 +284,7 @@ fn scan_bwd(
         opt_view(ddelta_bias, "ddelta_bias")?,
         opt_view(dinitial_state, "dinitial_state")?,
     );
-    let args = FwdArgs {
-        u: &u,
-        delta: &delta,
-        a: &a,
-        b: &b,
-        c: &c,
-        d: d.as_ref(),
-        z: z.as_ref(),
-        delta_bias: bias.as_ref(),
-        initial_state: h0.as_ref(),
-        delta_softplus,
-        chunk_size,
-    };
+    let args = inputs.args(delta_softplus, chunk_size);
     let grads = BwdArgs {
         states: &states,
         dout: &dout,
