@@ -40,6 +40,8 @@ pub struct BwdArgs<'a> {
     pub dz: Option<&'a TensorView>,
     pub ddelta_bias: Option<&'a TensorView>,
     pub dinitial_state: Option<&'a TensorView>,
+    /// fp32 scratch for the CUDA backward's two-stage reductions (None on the CPU).
+    pub workspace: Option<&'a TensorView>,
 }
 
 /// What the kernels need besides the params: where, and in which dtypes.
@@ -437,6 +439,13 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
             "(batch, dim, dstate)",
         )?;
         p.dinitial_state_ptr = t.ptr;
+    }
+    if let Some(t) = g.workspace {
+        expect_dtype(t, "workspace", DType::F32, "scratch is float32")?;
+        expect_device(t, "workspace", dev)?;
+        t.require_contiguous("workspace")?;
+        t.require_writable("workspace")?;
+        p.workspace_ptr = t.ptr;
     }
     if let Some(t) = g.dlast_state {
         expect_shape(

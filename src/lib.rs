@@ -17,6 +17,7 @@
 
 pub mod check;
 pub mod cpu;
+pub mod cuda;
 pub mod dlpack;
 pub mod error;
 pub mod params;
@@ -168,31 +169,21 @@ where
     }
 }
 
-fn dispatch_forward(plan: Plan, _stream: u64) -> Result<(), ScanError> {
+fn dispatch_forward(plan: Plan, stream: u64) -> Result<(), ScanError> {
     match plan.device {
         // SAFETY: plan_forward validated every tensor; the shim keeps them alive and gives
         // fresh outputs.
         Device::Cpu => unsafe { cpu::scan_fwd::forward(&plan) },
-        Device::Cuda(_) => {
-            return Err(ScanError::Device {
-                arg: "u".into(),
-                msg: "CUDA tensors are not supported by this build".into(),
-            });
-        }
+        Device::Cuda(_) => cuda::forward(&plan, stream)?,
     }
     Ok(())
 }
 
-fn dispatch_backward(plan: Plan, _stream: u64) -> Result<(), ScanError> {
+fn dispatch_backward(plan: Plan, stream: u64) -> Result<(), ScanError> {
     match plan.device {
         // SAFETY: as for the forward.
         Device::Cpu => unsafe { cpu::scan_bwd::backward(&plan) },
-        Device::Cuda(_) => {
-            return Err(ScanError::Device {
-                arg: "u".into(),
-                msg: "CUDA tensors are not supported by this build".into(),
-            });
-        }
+        Device::Cuda(_) => cuda::backward(&plan, stream)?,
     }
     Ok(())
 }
@@ -236,7 +227,7 @@ fn scan_fwd(
 #[pyfunction]
 #[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, states, dout, dlast_state,
                     du, ddelta, da, db, dc, dd, dz, ddelta_bias, dinitial_state,
-                    delta_softplus, chunk_size, stream=0))]
+                    delta_softplus, chunk_size, stream=0, workspace=None))]
 #[allow(clippy::too_many_arguments)]
 fn scan_bwd(
     py: Python<'_>,
@@ -264,8 +255,10 @@ fn scan_bwd(
     delta_softplus: bool,
     chunk_size: i32,
     stream: u64,
+    workspace: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
+    let ws = opt_view(workspace, "workspace")?;
     let (states, dout, dlast) = (
         view(states, "states")?,
         view(dout, "dout")?,
@@ -298,8 +291,19 @@ fn scan_bwd(
         dz: dz.as_ref(),
         ddelta_bias: dbias.as_ref(),
         dinitial_state: dh0.as_ref(),
+        workspace: ws.as_ref(),
     };
     let plan = check::plan_backward(&args, &grads)?;
+    if let (dlpack::Device::Cuda(_), Some(w)) = (plan.device, ws.as_ref()) {
+        let need = cuda::bwd_workspace_elems(&plan.params);
+        if w.numel() < need {
+            return Err(ScanError::Shape {
+                arg: "workspace".into(),
+                msg: format!("needs at least {need} float32 elements; got {}", w.numel()),
+            }
+            .into());
+        }
+    }
     run_detached(py, move || dispatch_backward(plan, stream))
 }
 
@@ -319,6 +323,62 @@ fn cpu_isa() -> &'static str {
     }
 }
 
+/// Steps per saved state on CUDA for a given dstate.
+#[pyfunction]
+fn cuda_chunk_size(dstate: i32) -> i32 {
+    cuda::chunk_size(dstate)
+}
+
+/// float32 elements of scratch the CUDA backward needs.
+#[pyfunction]
+#[pyo3(signature = (batch, dim, dstate, seqlen, b_ngroups, c_ngroups))]
+fn cuda_bwd_workspace_size(
+    batch: i32,
+    dim: i32,
+    dstate: i32,
+    seqlen: i32,
+    b_ngroups: i32,
+    c_ngroups: i32,
+) -> i64 {
+    // ngroups 0 marks a fixed (dim, dstate) B / C.
+    let p = params::SsmParams {
+        batch,
+        dim,
+        dstate,
+        seqlen,
+        b_ngroups: b_ngroups.max(1),
+        c_ngroups: c_ngroups.max(1),
+        is_variable_b: (b_ngroups > 0) as i32,
+        is_variable_c: (c_ngroups > 0) as i32,
+        ..Default::default()
+    };
+    if dim == 0 {
+        0
+    } else {
+        cuda::bwd_workspace_elems(&p)
+    }
+}
+
+/// Compile every CUDA kernel specialisation for `arch` (e.g. "sm_90"). Returns a list of
+/// (name, registers, spill bytes); with `use_cache` it fills the disk cache instead and reports
+/// no resources. Needs libnvrtc only, no GPU.
+#[pyfunction]
+#[pyo3(signature = (arch, use_cache=false))]
+fn cuda_compile_all(
+    py: Python<'_>,
+    arch: String,
+    use_cache: bool,
+) -> PyResult<Vec<(String, Option<u32>, u32)>> {
+    let r = py.detach(move || cuda::compile_all(&arch, use_cache));
+    Ok(r?)
+}
+
+/// NVRTC's (major, minor) version.
+#[pyfunction]
+fn nvrtc_version() -> PyResult<(i32, i32)> {
+    Ok(cuda::compile::nvrtc_version()?)
+}
+
 #[pyfunction]
 fn cpu_threads() -> usize {
     rayon::current_num_threads()
@@ -332,6 +392,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_chunk_size, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_bwd_workspace_size, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     let py = m.py();
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add("DTypeError", py.get_type::<DTypeError>())?;

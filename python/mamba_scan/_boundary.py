@@ -26,10 +26,46 @@ def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def chunk_size_for(t: torch.Tensor) -> int:
-    if t.device.type == "cuda" and hasattr(_native, "cuda_chunk_size"):
-        return _native.cuda_chunk_size()
+def chunk_size_for(t: torch.Tensor, dstate: int) -> int:
+    """Steps per saved state: fixed on the CPU; on CUDA it shrinks as dstate grows (the
+    backward keeps a tile's state history in registers)."""
+    if t.device.type == "cuda":
+        ensure_cuda_libs()
+        return _native.cuda_chunk_size(dstate)
     return _native.cpu_chunk_size()
+
+
+_CUDA_LIBS_READY = False
+
+
+def ensure_cuda_libs() -> None:
+    """Make libnvrtc loadable by name before the native module looks for it: torch's CUDA
+    wheels ship it under site-packages/nvidia/*/lib, which is not on the loader path. Loading it
+    once with RTLD_GLOBAL lets the later dlopen("libnvrtc.so.N") find the same copy."""
+    global _CUDA_LIBS_READY
+    if _CUDA_LIBS_READY:
+        return
+    import ctypes
+    import glob
+    import os
+
+    roots = []
+    for p in __import__("sys").path:
+        nv = os.path.join(p, "nvidia")
+        if os.path.isdir(nv):
+            roots.append(nv)
+    for root in roots:
+        for pat in ("*/lib/libnvrtc.so.*", "cuda_nvrtc/lib/libnvrtc.so.*"):
+            for lib in sorted(glob.glob(os.path.join(root, pat))):
+                if "builtins" in os.path.basename(lib) or "alt" in os.path.basename(lib):
+                    continue
+                try:
+                    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                    _CUDA_LIBS_READY = True
+                    return
+                except OSError:
+                    continue
+    _CUDA_LIBS_READY = True  # fall back to the system loader path (a CUDA toolkit install)
 
 
 def require_tensor(x, name: str, optional: bool = False):

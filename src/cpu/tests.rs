@@ -245,6 +245,7 @@ fn backward_matches_finite_differences() {
             dz: Some(&view(&mut dz, f, &[bi, di, li])),
             ddelta_bias: None,
             dinitial_state: Some(&view(&mut dh0, f, &[bi, di, ni])),
+            workspace: None,
         };
         let plan = plan_backward(&args, &g).unwrap();
         // SAFETY: buffers live and distinct.

@@ -57,7 +57,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, seqlen = u.shape
-    chunk = chunk_size_for(u)
+    chunk = chunk_size_for(u, A.shape[1])
     n_chunks = max(1, -(-seqlen // chunk))
     out = new_like(u)
     states = new_empty((batch, dim, n_chunks, A.shape[1]), weight_dtype(u), u.device)
@@ -67,6 +67,19 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
         capsule(states), bool(delta_softplus), chunk, stream_of(u),
     )  # fmt: skip
     return out, states
+
+
+def _ngroups(X: torch.Tensor) -> int:
+    """0 for a fixed (dim, dstate) B/C, else its number of groups."""
+    return 0 if X.dim() == 2 else (1 if X.dim() == 3 else X.shape[1])
+
+
+def _workspace(u, A, B, C):
+    if u.device.type != "cuda":
+        return None
+    batch, dim, seqlen = u.shape
+    n = _native.cuda_bwd_workspace_size(batch, dim, A.shape[1], seqlen, _ngroups(B), _ngroups(C))
+    return torch.empty(max(n, 1), dtype=torch.float32, device=u.device)
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -108,7 +121,8 @@ class SelectiveScanFn(torch.autograd.Function):
             capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
             capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
             capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
-            capsule(dh0), ctx.delta_softplus, chunk_size_for(u), stream_of(u),
+            capsule(dh0), ctx.delta_softplus, chunk_size_for(u, A.shape[1]), stream_of(u),
+            workspace=capsule(_workspace(u, A, B, C)),
         )  # fmt: skip
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
 

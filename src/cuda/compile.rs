@@ -1,0 +1,347 @@
+//! NVRTC compilation of the kernels in `cuda/` to cubins for the device's exact architecture,
+//! with an in-memory and an on-disk cache.
+//!
+//! Disk cache: `$MAMBA_SCAN_CACHE_DIR` or `$XDG_CACHE_HOME/mamba_scan` or `~/.cache/mamba_scan`.
+//! The key hashes the full source, the options, the architecture and the NVRTC version. Each
+//! entry carries a checksum of its bytes; an entry that fails it is recompiled, never loaded.
+
+use crate::error::{Result, ScanError};
+use std::ffi::CString;
+use std::path::PathBuf;
+
+const PARAMS_H: &str = include_str!("../../cuda/params.h");
+const COMMON_CUH: &str = include_str!("../../cuda/common.cuh");
+const SCAN_FWD_CU: &str = include_str!("../../cuda/scan_fwd.cu");
+const SCAN_BWD_CU: &str = include_str!("../../cuda/scan_bwd.cu");
+
+/// Which kernel and which compile-time specialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelSpec {
+    pub backward: bool,
+    /// 0 f32, 1 f16, 2 bf16.
+    pub in_type: u8,
+    /// States per lane: dstate <= 16 * ns; one of 1, 2, 4, 8, 16.
+    pub ns: u8,
+    pub var_b: bool,
+    pub var_c: bool,
+    pub has_z: bool,
+}
+
+pub const NS_VALUES: [u8; 5] = [1, 2, 4, 8, 16];
+
+/// The backward keeps a tile's state history in registers; beyond 8 states per lane it would
+/// spill (measured: 168-180 spill bytes at 8 per lane), so dstate > 64 has no CUDA backward yet.
+pub const MAX_BWD_NS: u8 = 4;
+
+impl KernelSpec {
+    pub fn entry(&self) -> &'static str {
+        if self.backward { "ssm_bwd" } else { "ssm_fwd" }
+    }
+    pub fn entries(&self) -> &'static [&'static str] {
+        if self.backward {
+            &["ssm_bwd", "ssm_bwd_reduce"]
+        } else {
+            &["ssm_fwd"]
+        }
+    }
+    /// Steps per tile (and per saved state): the backward keeps a tile's state history in
+    /// registers (chunk x ns floats per lane), so the tile shrinks as dstate grows.
+    pub fn chunk(&self) -> i32 {
+        chunk_for_ns(self.ns)
+    }
+    pub fn options(&self, arch: &str) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+            "--ptxas-options=-v".into(),
+            format!("-DkInType={}", self.in_type),
+            format!("-DkNS={}", self.ns),
+            format!("-DkChunk={}", self.chunk()),
+            format!("-DkVarB={}", self.var_b as i32),
+            format!("-DkVarC={}", self.var_c as i32),
+            format!("-DkHasZ={}", self.has_z as i32),
+        ]
+    }
+    pub fn source(&self) -> String {
+        let strip = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with("#pragma once") && !l.starts_with("#include"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let body = if self.backward {
+            SCAN_BWD_CU
+        } else {
+            SCAN_FWD_CU
+        };
+        format!(
+            "{}\n{}\n{}\n",
+            strip(PARAMS_H),
+            strip(COMMON_CUH),
+            strip(body)
+        )
+    }
+    /// Every specialisation (for the ahead-of-time warm-up and the CI compile check).
+    pub fn all() -> Vec<KernelSpec> {
+        let mut v = Vec::new();
+        for backward in [false, true] {
+            for in_type in 0..3u8 {
+                for ns in NS_VALUES
+                    .into_iter()
+                    .filter(|&n| !backward || n <= MAX_BWD_NS)
+                {
+                    for var_b in [false, true] {
+                        for var_c in [false, true] {
+                            for has_z in [false, true] {
+                                v.push(KernelSpec {
+                                    backward,
+                                    in_type,
+                                    ns,
+                                    var_b,
+                                    var_c,
+                                    has_z,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+pub fn ns_for_dstate(dstate: i32) -> u8 {
+    let need = (dstate.max(1) as u32).div_ceil(16);
+    NS_VALUES
+        .into_iter()
+        .find(|&n| n as u32 >= need)
+        .unwrap_or(16)
+}
+
+pub fn chunk_for_ns(ns: u8) -> i32 {
+    (64 / ns as i32).clamp(16, 64)
+}
+
+/// A compiled cubin and what ptxas reported about it.
+pub struct Compiled {
+    pub cubin: Vec<u8>,
+    pub log: String,
+}
+
+impl Compiled {
+    /// Registers per thread and spill bytes (stores + loads), parsed from ptxas' -v output.
+    pub fn resources(&self) -> (Option<u32>, u32) {
+        let mut regs = None;
+        let mut spill = 0u32;
+        for line in self.log.lines() {
+            if let Some(i) = line.find("Used ") {
+                let rest = &line[i + 5..];
+                if let Some(n) = rest.split_whitespace().next().and_then(|x| x.parse().ok()) {
+                    if rest.contains("registers") {
+                        regs = Some(n);
+                    }
+                }
+            }
+            for key in ["bytes spill stores", "bytes spill loads"] {
+                if let Some(i) = line.find(key) {
+                    let before = line[..i].trim_end();
+                    if let Some(n) = before
+                        .rsplit([' ', ','])
+                        .next()
+                        .and_then(|x| x.parse::<u32>().ok())
+                    {
+                        spill += n;
+                    }
+                }
+            }
+        }
+        (regs, spill)
+    }
+}
+
+fn nvrtc_err(msg: &str, e: impl std::fmt::Debug) -> ScanError {
+    ScanError::Compile {
+        msg: format!("{msg}: {e:?}"),
+        log: String::new(),
+    }
+}
+
+pub fn nvrtc_present() -> Result<()> {
+    // SAFETY: only probes whether the shared library can be loaded.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(ScanError::Library(
+            "libnvrtc could not be loaded: install torch's CUDA wheels (they bring libnvrtc) or a CUDA \
+             toolkit, or put libnvrtc on the loader path"
+                .into(),
+        ))
+    }
+}
+
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    nvrtc_present()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; the out-pointers are valid.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcVersion", r));
+    }
+    Ok((major, minor))
+}
+
+/// Compile with NVRTC (no cache).
+pub fn compile(spec: &KernelSpec, arch: &str) -> Result<Compiled> {
+    nvrtc_present()?;
+    use cudarc::nvrtc::{result, sys};
+    let src = CString::new(spec.source()).map_err(|e| nvrtc_err("source", e))?;
+    let name = CString::new(format!("{}.cu", spec.entry())).unwrap();
+    let prog = result::create_program(&src, Some(&name))
+        .map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
+    let opts = spec.options(arch);
+    // SAFETY: `prog` is a live program; it is destroyed on every path below.
+    unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog)
+            .map(|v| {
+                let bytes: Vec<u8> = v
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        if let Err(e) = compiled {
+            let _ = result::destroy_program(prog);
+            return Err(ScanError::Compile {
+                msg: format!("{} {:?} for {arch}: {e:?}", spec.entry(), spec),
+                log,
+            });
+        }
+        let mut size = 0usize;
+        let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+        if r != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            let _ = result::destroy_program(prog);
+            return Err(ScanError::Compile {
+                msg: format!("nvrtcGetCUBINSize: {r:?} (arch must be a real sm_XY)"),
+                log,
+            });
+        }
+        let mut cubin = vec![0u8; size];
+        let r = sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut std::ffi::c_char);
+        let _ = result::destroy_program(prog);
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(ScanError::Compile {
+                msg: format!("nvrtcGetCUBIN: {r:?}"),
+                log,
+            });
+        }
+        Ok(Compiled { cubin, log })
+    }
+}
+
+/// FNV-1a, 64 bit: stable across builds (std's hasher is not), enough for cache keys/checksums.
+pub fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("MAMBA_SCAN_CACHE_DIR") {
+        return if d.is_empty() {
+            None
+        } else {
+            Some(PathBuf::from(d))
+        };
+    }
+    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("mamba_scan"));
+    }
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache").join("mamba_scan"))
+}
+
+const MAGIC: &[u8; 8] = b"MSCUBIN1";
+
+/// Compile through the disk cache. A missing, unreadable or corrupt entry is recompiled.
+pub fn compile_cached(spec: &KernelSpec, arch: &str) -> Result<Vec<u8>> {
+    let (maj, min) = nvrtc_version()?;
+    let ver = format!("nvrtc {maj}.{min}");
+    let opts = spec.options(arch).join(" ");
+    let src = spec.source();
+    let key = fnv64(&[
+        src.as_bytes(),
+        opts.as_bytes(),
+        arch.as_bytes(),
+        ver.as_bytes(),
+    ]);
+    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", spec.entry())));
+    if let Some(path) = &path {
+        if let Ok(bytes) = std::fs::read(path) {
+            if bytes.len() > 16 && &bytes[..8] == MAGIC {
+                let sum = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+                if fnv64(&[&bytes[16..]]) == sum {
+                    return Ok(bytes[16..].to_vec());
+                }
+            }
+        }
+    }
+    let c = compile(spec, arch)?;
+    if let Some(path) = &path {
+        // Best effort: write to a temporary name and rename, so readers never see half a file.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let mut data = Vec::with_capacity(c.cubin.len() + 16);
+        data.extend_from_slice(MAGIC);
+        data.extend_from_slice(&fnv64(&[&c.cubin]).to_le_bytes());
+        data.extend_from_slice(&c.cubin);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &data).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+    Ok(c.cubin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles one specialisation when libnvrtc is loadable (skips silently otherwise: the
+    /// Python test suite runs the full compile check with torch's libnvrtc).
+    #[test]
+    fn compile_one_if_nvrtc() {
+        if nvrtc_present().is_err() {
+            return;
+        }
+        let spec = KernelSpec {
+            backward: true,
+            in_type: 2,
+            ns: 2,
+            var_b: true,
+            var_c: true,
+            has_z: true,
+        };
+        let c = compile(&spec, "sm_90").unwrap();
+        eprintln!("{:?}", c.resources());
+        assert_eq!(c.resources().1, 0, "{}", c.log);
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(fnv64(&[b"abc"]), fnv64(&[b"abc"]));
+        assert_ne!(fnv64(&[b"ab", b"c"]), fnv64(&[b"a", b"bc"]));
+    }
+}

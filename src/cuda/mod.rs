@@ -1,0 +1,332 @@
+//! The CUDA runtime: the primary context of the tensor's device, NVRTC-compiled kernels cached
+//! per device and specialisation, launches on the caller's (torch's) stream. No device memory is
+//! allocated here and nothing synchronises with the host, so calls are CUDA-graph capturable.
+
+pub mod compile;
+
+use crate::check::Plan;
+use crate::dlpack::{DType, Device};
+use crate::error::{Result, ScanError};
+use compile::{KernelSpec, chunk_for_ns, compile_cached, ns_for_dstate};
+use cudarc::driver::{result as drv, sys};
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Mutex, OnceLock};
+
+fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> ScanError + '_ {
+    move |e| {
+        let name = e
+            .error_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("{:?}", e.0));
+        ScanError::Cuda {
+            name,
+            msg: what.to_string(),
+        }
+    }
+}
+
+pub fn driver_present() -> Result<()> {
+    // SAFETY: only probes whether the shared library can be loaded.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(ScanError::Library(
+            "libcuda (the NVIDIA driver) could not be loaded".into(),
+        ))
+    }
+}
+
+struct DeviceState {
+    ctx: sys::CUcontext,
+    arch: String,
+    funcs: HashMap<(KernelSpec, &'static str), sys::CUfunction>,
+}
+
+// SAFETY: CUcontext / CUfunction are opaque driver handles, valid from any thread; every use
+// happens under the registry's mutex.
+unsafe impl Send for DeviceState {}
+
+fn registry() -> &'static Mutex<HashMap<i32, DeviceState>> {
+    static R: OnceLock<Mutex<HashMap<i32, DeviceState>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn device_state(map: &mut HashMap<i32, DeviceState>, ordinal: i32) -> Result<&mut DeviceState> {
+    #[allow(clippy::map_entry)] // the insert needs fallible driver calls first
+    if !map.contains_key(&ordinal) {
+        driver_present()?;
+        drv::init().map_err(driver_err("cuInit"))?;
+        let dev = drv::device::get(ordinal).map_err(driver_err("cuDeviceGet"))?;
+        // SAFETY: `dev` is a valid device; retaining the primary context shares torch's.
+        let ctx = unsafe { drv::primary_ctx::retain(dev) }
+            .map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: valid device handle and attribute enums.
+        let (major, minor) = unsafe {
+            (
+                drv::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                )
+                .map_err(driver_err("cuDeviceGetAttribute"))?,
+                drv::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                )
+                .map_err(driver_err("cuDeviceGetAttribute"))?,
+            )
+        };
+        map.insert(
+            ordinal,
+            DeviceState {
+                ctx,
+                arch: format!("sm_{major}{minor}"),
+                funcs: HashMap::new(),
+            },
+        );
+    }
+    let st = map.get_mut(&ordinal).unwrap();
+    // SAFETY: a retained primary context.
+    unsafe { drv::ctx::set_current(st.ctx) }.map_err(driver_err("cuCtxSetCurrent"))?;
+    Ok(st)
+}
+
+fn function(st: &mut DeviceState, spec: KernelSpec, name: &'static str) -> Result<sys::CUfunction> {
+    if let Some(f) = st.funcs.get(&(spec, name)) {
+        return Ok(*f);
+    }
+    let cubin = compile_cached(&spec, &st.arch)?;
+    // SAFETY: the cubin was produced by NVRTC for this device's arch (or read back from the
+    // checksummed cache); the context is current. Modules are kept for the process lifetime.
+    unsafe {
+        let module = drv::module::load_data(cubin.as_ptr() as *const c_void)
+            .map_err(driver_err("cuModuleLoadData"))?;
+        for entry in spec.entries() {
+            let f = drv::module::get_function(module, CString::new(*entry).unwrap())
+                .map_err(driver_err("cuModuleGetFunction"))?;
+            st.funcs.insert((spec, entry), f);
+        }
+    }
+    st.funcs
+        .get(&(spec, name))
+        .copied()
+        .ok_or_else(|| ScanError::Cuda {
+            name: "CUDA_ERROR_NOT_FOUND".into(),
+            msg: format!("kernel {name} missing from its module"),
+        })
+}
+
+fn in_type(d: DType) -> Result<u8> {
+    match d {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::F64 => Err(ScanError::DType {
+            arg: "u".into(),
+            msg: "float64 is supported on the CPU only".into(),
+        }),
+    }
+}
+
+/// Steps per saved state for a given dstate on CUDA (the shim sizes `states` with it).
+pub fn chunk_size(dstate: i32) -> i32 {
+    chunk_for_ns(ns_for_dstate(dstate))
+}
+
+/// Channels per block: a power of two up to 8 dividing dim and the group size of each variable
+/// B / C, so that a block's channels share one B tile and one C tile.
+fn channels_per_block(p: &crate::params::SsmParams) -> i32 {
+    let mut g = p.dim;
+    if p.is_variable_b != 0 {
+        g = gcd(g, p.dim / p.b_ngroups);
+    }
+    if p.is_variable_c != 0 {
+        g = gcd(g, p.dim / p.c_ngroups);
+    }
+    [8, 4, 2, 1].into_iter().find(|k| g % k == 0).unwrap()
+}
+
+fn gcd(a: i32, b: i32) -> i32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
+    let p = &plan.params;
+    Ok(KernelSpec {
+        backward,
+        in_type: in_type(plan.in_dtype)?,
+        ns: ns_for_dstate(p.dstate),
+        var_b: p.is_variable_b != 0,
+        var_c: p.is_variable_c != 0,
+        has_z: p.has_z != 0,
+    })
+}
+
+/// Shared memory (bytes) of one block; mirrors the carve-up at the top of each kernel.
+fn smem_bytes(spec: &KernelSpec, kch: u32) -> u32 {
+    let t = spec.chunk() as u32;
+    let np = 16 * spec.ns as u32;
+    let nvar = spec.var_b as u32 + spec.var_c as u32;
+    let floats = if spec.backward {
+        let nws = if kch >= 2 { kch / 2 } else { 1 };
+        9 * kch * t + nvar * np * (t + 1) + nvar * nws * np * t
+    } else {
+        (4 + spec.has_z as u32) * kch * t + nvar * np * (t + 1)
+    };
+    floats * 4
+}
+
+/// fp32 workspace (elements) the backward needs: per-(batch, channel) sums, then one partial of
+/// variable dB / dC per block of channels.
+pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
+    let tiles = (p.dim / channels_per_block(p).max(1)) as i64;
+    let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
+    let chan = b * p.dim as i64 * (3 * n + 2);
+    let part = b * tiles * n * l;
+    chan + (p.is_variable_b as i64 + p.is_variable_c as i64) * part
+}
+
+fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
+    let ordinal = match plan.device {
+        Device::Cuda(i) => i,
+        Device::Cpu => unreachable!("CPU plans never reach the CUDA runtime"),
+    };
+    let p = plan.params;
+    let spec = spec_of(plan, backward)?;
+    if backward && spec.ns > compile::MAX_BWD_NS {
+        return Err(ScanError::NotImplemented(format!(
+            "the CUDA backward supports dstate <= {} for now; got {} (the CPU path has no limit)",
+            16 * compile::MAX_BWD_NS as i32,
+            p.dstate
+        )));
+    }
+    if p.chunk_size != spec.chunk() {
+        return Err(ScanError::Shape {
+            arg: "chunk_size".into(),
+            msg: format!(
+                "must be {} for dstate {} on CUDA; got {}",
+                spec.chunk(),
+                p.dstate,
+                p.chunk_size
+            ),
+        });
+    }
+    if p.batch == 0 || p.dim == 0 {
+        if !backward {
+            return Ok(());
+        }
+    } else if p.batch > 65535 {
+        return Err(ScanError::Shape {
+            arg: "u".into(),
+            msg: format!("batch {} exceeds 65535", p.batch),
+        });
+    }
+    if backward && p.workspace_ptr == 0 {
+        return Err(ScanError::Shape {
+            arg: "workspace".into(),
+            msg: "required by the CUDA backward".into(),
+        });
+    }
+    let kch = channels_per_block(&p).max(1);
+    let kch_u = kch as u32;
+    let smem = smem_bytes(&spec, kch_u);
+    let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
+    let st = device_state(&mut map, ordinal)?;
+    let main = function(st, spec, spec.entry())?;
+    let mut pp = p;
+    let mut kch_arg = kch;
+    // SAFETY: the functions belong to the current context; the arguments are passed by value
+    // (the driver copies them at launch); the stream is the caller's live stream on this device;
+    // every pointer in `p` was validated by plan_forward / plan_backward.
+    unsafe {
+        if smem > 48 * 1024 {
+            drv::function::set_function_attribute(
+                main,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(driver_err("cuFuncSetAttribute"))?;
+        }
+        if p.batch > 0 && p.dim > 0 {
+            let mut args = [
+                &mut pp as *mut _ as *mut c_void,
+                &mut kch_arg as *mut _ as *mut c_void,
+            ];
+            let nargs = if backward { 2 } else { 1 };
+            drv::launch_kernel(
+                main,
+                ((p.dim / kch) as u32, p.batch as u32, 1),
+                (16 * kch_u, 1, 1),
+                smem,
+                stream as sys::CUstream,
+                &mut args[..nargs],
+            )
+            .map_err(driver_err(if backward {
+                "launch ssm_bwd"
+            } else {
+                "launch ssm_fwd"
+            }))?;
+        }
+        if backward {
+            let red = function(st, spec, "ssm_bwd_reduce")?;
+            let total = p.dim as i64 * (3 * p.dstate as i64 + 2)
+                + (p.is_variable_b as i64 * p.b_ngroups as i64
+                    + p.is_variable_c as i64 * p.c_ngroups as i64)
+                    * p.batch as i64
+                    * p.dstate as i64
+                    * p.seqlen as i64;
+            if total > 0 {
+                let blocks = (total as u64).div_ceil(256).min(132 * 16) as u32;
+                let mut args = [
+                    &mut pp as *mut _ as *mut c_void,
+                    &mut kch_arg as *mut _ as *mut c_void,
+                ];
+                drv::launch_kernel(
+                    red,
+                    (blocks, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    stream as sys::CUstream,
+                    &mut args,
+                )
+                .map_err(driver_err("launch ssm_bwd_reduce"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn forward(plan: &Plan, stream: u64) -> Result<()> {
+    launch(plan, stream, false)
+}
+
+pub fn backward(plan: &Plan, stream: u64) -> Result<()> {
+    launch(plan, stream, true)
+}
+
+/// Compile (or fetch from the cache) every specialisation for `arch`; returns (name, registers,
+/// spill bytes) per kernel. Used by `python -m mamba_scan warmup` and the CI compile check.
+pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u32>, u32)>> {
+    let mut out = Vec::new();
+    for spec in KernelSpec::all() {
+        let name = format!(
+            "{} in{} ns{} varB{} varC{} z{} chunk{}",
+            spec.entry(),
+            spec.in_type,
+            spec.ns,
+            spec.var_b as u8,
+            spec.var_c as u8,
+            spec.has_z as u8,
+            spec.chunk()
+        );
+        if use_cache {
+            compile_cached(&spec, arch)?;
+            out.push((name, None, 0));
+        } else {
+            let c = compile::compile(&spec, arch)?;
+            let (regs, spill) = c.resources();
+            out.push((name, regs, spill));
+        }
+    }
+    Ok(out)
+}

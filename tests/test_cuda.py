@@ -1,0 +1,151 @@
+"""CUDA path: parity with the float64 reference, runtime behaviour (streams, graphs, devices),
+determinism. Skipped without a GPU; run on the device machine."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import DTYPES, check_parity, make_inputs
+from mamba_scan import _native, selective_scan_fn
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("seqlen", [1, 7, 64, 255, 2048 + 5, 16384 + 3])
+@pytest.mark.parametrize("dstate", [1, 16, 64])
+def test_parity_grid_cuda(dtype, seqlen, dstate):
+    if seqlen > 10000 and dstate == 64:
+        pytest.skip("covered by dstate 16 at this length (reference loop cost)")
+    inp = make_inputs(batch=2, dim=4 if seqlen > 1000 else 8, seqlen=seqlen, dstate=dstate,
+                      dtype=DTYPES[dtype], device="cuda", has_h0=True, seed=seqlen + dstate)  # fmt: skip
+    check_parity(inp, label=f"cuda {dtype} L={seqlen} N={dstate}")
+
+
+BC = ["fixed", "var", "g1", "g2", "g4"]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("b_mode,c_mode", list(itertools.product(BC, BC)))
+def test_bc_modes_cuda(dtype, b_mode, c_mode):
+    inp = make_inputs(dim=8, seqlen=300, dstate=16, dtype=DTYPES[dtype], device="cuda",
+                      b_mode=b_mode, c_mode=c_mode, has_h0=True)  # fmt: skip
+    check_parity(inp, label=f"cuda {dtype} B={b_mode} C={c_mode}")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "has_d,has_z,has_bias,softplus,last,has_h0", list(itertools.product([False, True], repeat=6))
+)
+def test_options_cuda(has_d, has_z, has_bias, softplus, last, has_h0):
+    inp = make_inputs(dim=8, seqlen=200, dstate=16, device="cuda", has_d=has_d, has_z=has_z,
+                      has_bias=has_bias, has_h0=has_h0, softplus=softplus)  # fmt: skip
+    check_parity(inp, softplus=softplus, last=last)
+
+
+@cuda
+@pytest.mark.parametrize("dim", [6, 24, 40])
+def test_odd_group_sizes_cuda(dim):
+    # Channels per block fall back to 2 or 1 when group sizes are not multiples of 8.
+    inp = make_inputs(dim=dim, seqlen=130, dstate=16, device="cuda", b_mode="g2", c_mode="var")
+    check_parity(inp)
+
+
+@cuda
+def test_matches_cpu_path():
+    inp = make_inputs(dim=16, seqlen=500, dstate=16, has_h0=True)
+    kw = {k: v for k, v in inp.items() if k != "initial_state"}
+    cpu, lc = selective_scan_fn(**kw, delta_softplus=True, return_last_state=True,
+                                initial_state=inp["initial_state"])  # fmt: skip
+    gpu, lg = selective_scan_fn(**{k: v.cuda() for k, v in kw.items()}, delta_softplus=True,
+                                return_last_state=True, initial_state=inp["initial_state"].cuda())  # fmt: skip
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lg.cpu(), lc, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_deterministic_backward_cuda():
+    inp = make_inputs(batch=3, dim=64, seqlen=1000, dstate=16, device="cuda", b_mode="g2",
+                      c_mode="var", dtype=torch.bfloat16)  # fmt: skip
+    grads = []
+    for _ in range(3):
+        leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
+        out = selective_scan_fn(**leaves, delta_softplus=True)
+        out.backward(torch.ones_like(out))
+        grads.append([leaves[k].grad.clone() for k in sorted(leaves)])
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            assert torch.equal(a, b)
+
+
+@cuda
+def test_non_default_stream():
+    inp = make_inputs(dim=16, seqlen=300, dstate=16, device="cuda")
+    kw = {k: v for k, v in inp.items() if k != "initial_state"}
+    want = selective_scan_fn(**kw, delta_softplus=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = selective_scan_fn(**kw, delta_softplus=True)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@cuda
+def test_cuda_graph_capture_and_replay():
+    inp = make_inputs(dim=16, seqlen=300, dstate=16, device="cuda")
+    kw = {k: v for k, v in inp.items() if k != "initial_state"}
+    want = selective_scan_fn(**kw, delta_softplus=True)  # compiles outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        selective_scan_fn(**kw, delta_softplus=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = selective_scan_fn(**kw, delta_softplus=True)
+    kw["u"].copy_(kw["u"] * 0.5)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, selective_scan_fn(**kw, delta_softplus=True), rtol=0, atol=0)
+    assert not torch.equal(out, want)
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_other_device_current():
+    inp = make_inputs(dim=16, seqlen=100, dstate=16, device="cuda:1")
+    kw = {k: v for k, v in inp.items() if k != "initial_state"}
+    with torch.cuda.device(0):
+        got = selective_scan_fn(**kw, delta_softplus=True)
+    want = selective_scan_fn(**{k: v.cpu() for k, v in kw.items()}, delta_softplus=True)
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_dstate_over_64_backward_is_clear():
+    inp = make_inputs(dim=8, seqlen=64, dstate=128, device="cuda")
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
+    out = selective_scan_fn(**leaves, delta_softplus=True)  # forward runs
+    with pytest.raises(NotImplementedError, match="dstate <= 64"):
+        out.sum().backward()
+
+
+@cuda
+def test_forward_dstate_128_and_256():
+    for n in (128, 256):
+        inp = make_inputs(dim=8, seqlen=100, dstate=n, device="cuda")
+        kw = {k: v for k, v in inp.items() if k != "initial_state"}
+        got = selective_scan_fn(**kw, delta_softplus=True)
+        want = selective_scan_fn(**{k: v.cpu() for k, v in kw.items()}, delta_softplus=True)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_size_rule():
+    assert _native.cuda_chunk_size(16) == 64
+    assert _native.cuda_chunk_size(1) == 64
+    assert _native.cuda_chunk_size(64) == 16
