@@ -5,6 +5,16 @@
 typedef unsigned short u16;
 
 // Input dtype codes (kInType): 0 float32, 1 float16, 2 bfloat16.
+// float4 is built into NVRTC; make_float4 lives in a toolkit header, so build one here.
+__device__ __forceinline__ float4 f4(float x, float y, float z, float w) {
+    float4 v;
+    v.x = x;
+    v.y = y;
+    v.z = z;
+    v.w = w;
+    return v;
+}
+
 template <int T> struct InType;
 template <> struct InType<0> { typedef float t; };
 template <> struct InType<1> { typedef u16 t; };

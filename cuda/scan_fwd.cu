@@ -13,9 +13,11 @@
 // Compile-time: kInType (0 f32, 1 f16, 2 bf16), kNS (states per lane: dstate <= 16 kNS),
 // kChunk (steps per tile, a multiple of 16), kVarB, kVarC, kHasZ.
 
-#define T_PAD (kChunk + 1)
+// B / C tiles are [n][T_PAD]: rows padded by 4 floats so that float4 reads along t by the 16
+// lanes (16 rows) of a half-warp spread over all banks (two wavefronts, the minimum for 256 B).
+#define T_PAD (kChunk + 4)
 
-extern "C" __global__ void __launch_bounds__(128) ssm_fwd(const SsmParams p) {
+extern "C" __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ssm_fwd(const SsmParams p) {
     typedef typename InType<kInType>::t in_t;
     extern __shared__ float smem[];
     const int KCH = blockDim.x >> 4;
@@ -97,19 +99,34 @@ extern "C" __global__ void __launch_bounds__(128) ssm_fwd(const SsmParams p) {
         for (int t16 = 0; t16 < T; t16 += 16) {
             float pacc[16];
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const int t = t16 + j;
-                const float dt = s_dt[c * T + t], dtu = s_dtu[c * T + t];
-                float acc = 0.f;
+            for (int q = 0; q < 4; ++q) {
+                // Four steps per shared-memory read: dt, dt*u, B and C as float4 along t.
+                const int tq = t16 + 4 * q;
+                const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * T + tq]);
+                const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * T + tq]);
+                float4 b4[kNS], c4[kNS];
 #pragma unroll
                 for (int s = 0; s < kNS; ++s) {
                     const int n = lane + 16 * s;
-                    const float bb = kVarB ? s_B[n * T_PAD + t] : Bf[s];
-                    const float cc = kVarC ? s_C[n * T_PAD + t] : Cf[s];
-                    h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * bb);
-                    acc = fmaf(cc, h[s], acc);
+                    if (kVarB) b4[s] = *reinterpret_cast<const float4*>(&s_B[n * T_PAD + tq]);
+                    else b4[s] = f4(Bf[s], Bf[s], Bf[s], Bf[s]);
+                    if (kVarC) c4[s] = *reinterpret_cast<const float4*>(&s_C[n * T_PAD + tq]);
+                    else c4[s] = f4(Cf[s], Cf[s], Cf[s], Cf[s]);
                 }
-                pacc[j] = acc;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
+                    const float dtu = k == 0 ? dtu4.x : k == 1 ? dtu4.y : k == 2 ? dtu4.z : dtu4.w;
+                    float acc = 0.f;
+#pragma unroll
+                    for (int s = 0; s < kNS; ++s) {
+                        const float bb = k == 0 ? b4[s].x : k == 1 ? b4[s].y : k == 2 ? b4[s].z : b4[s].w;
+                        const float cc = k == 0 ? c4[s].x : k == 1 ? c4[s].y : k == 2 ? c4[s].z : c4[s].w;
+                        h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * bb);
+                        acc = fmaf(cc, h[s], acc);
+                    }
+                    pacc[4 * q + k] = acc;
+                }
             }
             s_y[c * T + t16 + lane] = reduce_scatter16(pacc, lane, mask);
         }
@@ -121,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(128) ssm_fwd(const SsmParams p) {
                 if (p.has_d) o = fmaf(Dp[dd], s_u[i], o);
                 if (kHasZ) {
                     const float zz = s_z[i];
-                    o *= zz * sigmoid_f(zz);
+                    o *= __fdividef(zz, 1.f + expf(-zz));  // silu; 2-ulp division
                 }
                 out[(long long)dd * p.out_d_stride + t0 + t] = from_f<kInType>(o);
             }

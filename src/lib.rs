@@ -373,6 +373,32 @@ fn cuda_compile_all(
     Ok(r?)
 }
 
+/// The cubin and ptxas log of one specialisation (for inspecting SASS with cuobjdump/nvdisasm).
+#[pyfunction]
+#[pyo3(signature = (arch, backward, in_type, dstate, var_b, var_c, has_z))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_cubin<'py>(
+    py: Python<'py>,
+    arch: String,
+    backward: bool,
+    in_type: u8,
+    dstate: i32,
+    var_b: bool,
+    var_c: bool,
+    has_z: bool,
+) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
+    let spec = cuda::compile::KernelSpec {
+        backward,
+        in_type,
+        ns: cuda::compile::ns_for_dstate(dstate),
+        var_b,
+        var_c,
+        has_z,
+    };
+    let c = py.detach(move || cuda::compile::compile(&spec, &arch))?;
+    Ok((pyo3::types::PyBytes::new(py, &c.cubin), c.log))
+}
+
 /// NVRTC's (major, minor) version.
 #[pyfunction]
 fn nvrtc_version() -> PyResult<(i32, i32)> {
@@ -396,6 +422,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_bwd_workspace_size, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_cubin, m)?)?;
     let py = m.py();
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add("DTypeError", py.get_type::<DTypeError>())?;

@@ -2,6 +2,8 @@
 
 ``python -m mamba_scan``        parity check + small benchmark on CUDA if present, else the CPU.
 ``python -m mamba_scan info``   only the environment report.
+``python -m mamba_scan warmup [sm_XY]``  compile every CUDA kernel specialisation for this GPU's
+                                 architecture (or sm_XY) into the disk cache ahead of time.
 """
 
 from __future__ import annotations
@@ -55,7 +57,25 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def warmup(arch: str | None) -> int:
+    from ._boundary import ensure_cuda_libs
+
+    ensure_cuda_libs()
+    if arch is None:
+        if not torch.cuda.is_available():
+            print("no CUDA device: name an architecture, e.g. `python -m mamba_scan warmup sm_90`")
+            return 2
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    t = time.perf_counter()
+    done = _native.cuda_compile_all(arch, use_cache=True)
+    print(f"{len(done)} kernels for {arch} in the cache ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["warmup"]:
+        return warmup(argv[1] if len(argv) > 1 else None)
     print(info())
     if argv[:1] == ["info"]:
         return 0

@@ -50,7 +50,10 @@ impl KernelSpec {
         chunk_for_ns(self.ns)
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
+        let (threads, min_blocks) = fwd_tuning();
         vec![
+            format!("-DkFwdThreads={threads}"),
+            format!("-DkFwdMinBlocks={min_blocks}"),
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
             "--ptxas-options=-v".into(),
@@ -109,6 +112,24 @@ impl KernelSpec {
         }
         v
     }
+}
+
+/// Forward launch shape: (max threads per block, min blocks per SM for ptxas' register budget).
+/// Defaults to 16 channels (256 threads) and no register cap beyond 255 (min 1 block per SM:
+/// as fast as 2 on the H200, and a tighter cap spills at dstate 256). MAMBA_SCAN_FWD_KCH=8|16
+/// and MAMBA_SCAN_FWD_MINB=N override them (for tuning on a device).
+pub fn fwd_tuning() -> (u32, u32) {
+    let kch = std::env::var("MAMBA_SCAN_FWD_KCH")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|k| [1, 2, 4, 8, 16].contains(k))
+        .unwrap_or(16);
+    let minb = std::env::var("MAMBA_SCAN_FWD_MINB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|m| (1..=32).contains(m))
+        .unwrap_or(1);
+    (16 * kch.max(1), minb)
 }
 
 pub fn ns_for_dstate(dstate: i32) -> u8 {

@@ -133,9 +133,19 @@ pub fn chunk_size(dstate: i32) -> i32 {
     chunk_for_ns(ns_for_dstate(dstate))
 }
 
-/// Channels per block: a power of two up to 8 dividing dim and the group size of each variable
-/// B / C, so that a block's channels share one B tile and one C tile.
-fn channels_per_block(p: &crate::params::SsmParams) -> i32 {
+/// Channels per block: a power of two dividing dim and the group size of each variable B / C, so
+/// that a block's channels share one B tile and one C tile; up to 16 in the forward (the tile
+/// load is shared by more channels), 8 in the backward (its register and smem footprint).
+fn channels_per_block_fwd(p: &crate::params::SsmParams) -> i32 {
+    let max = (compile::fwd_tuning().0 / 16) as i32;
+    let g = gcd_groups(p);
+    [16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|k| *k <= max && g % k == 0)
+        .unwrap()
+}
+
+fn gcd_groups(p: &crate::params::SsmParams) -> i32 {
     let mut g = p.dim;
     if p.is_variable_b != 0 {
         g = gcd(g, p.dim / p.b_ngroups);
@@ -143,6 +153,11 @@ fn channels_per_block(p: &crate::params::SsmParams) -> i32 {
     if p.is_variable_c != 0 {
         g = gcd(g, p.dim / p.c_ngroups);
     }
+    g
+}
+
+fn channels_per_block(p: &crate::params::SsmParams) -> i32 {
+    let g = gcd_groups(p);
     [8, 4, 2, 1].into_iter().find(|k| g % k == 0).unwrap()
 }
 
@@ -171,7 +186,7 @@ fn smem_bytes(spec: &KernelSpec, kch: u32) -> u32 {
         let nws = if kch >= 2 { kch / 2 } else { 1 };
         9 * kch * t + nvar * np * (t + 1) + nvar * nws * np * t
     } else {
-        (4 + spec.has_z as u32) * kch * t + nvar * np * (t + 1)
+        (4 + spec.has_z as u32) * kch * t + nvar * np * (t + 4)
     };
     floats * 4
 }
@@ -227,7 +242,12 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
             msg: "required by the CUDA backward".into(),
         });
     }
-    let kch = channels_per_block(&p).max(1);
+    let kch = if backward {
+        channels_per_block(&p)
+    } else {
+        channels_per_block_fwd(&p)
+    }
+    .max(1);
     let kch_u = kch as u32;
     let smem = smem_bytes(&spec, kch_u);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
