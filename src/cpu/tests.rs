@@ -95,43 +95,34 @@ impl Case {
         (out, last)
     }
 
+    /// Views of the inputs: u, delta, A, B, C, D, z, h0.
+    fn views(&mut self) -> [TensorView; 8] {
+        let (b, d, l, n) = (self.b as i64, self.d as i64, self.l as i64, self.n as i64);
+        let f = DType::F64;
+        [
+            view(&mut self.u, f, &[b, d, l]),
+            view(&mut self.delta, f, &[b, d, l]),
+            view(&mut self.a, f, &[d, n]),
+            view(&mut self.bm, f, &[b, n, l]),
+            view(&mut self.cm, f, &[b, n, l]),
+            view(&mut self.dv, f, &[d]),
+            view(&mut self.z, f, &[b, d, l]),
+            view(&mut self.h0, f, &[b, d, n]),
+        ]
+    }
+
     fn run_fwd(&mut self, chunk: i32) -> (Vec<f64>, Vec<f64>) {
         let (b, d, l, n) = (self.b as i64, self.d as i64, self.l as i64, self.n as i64);
         let nc = (l + chunk as i64 - 1) / chunk as i64;
         let mut out = vec![f64::NAN; (b * d * l) as usize];
         let mut states = vec![f64::NAN; (b * d * nc * n) as usize];
         let f = DType::F64;
-        let (u, delta, a) = (
-            view(&mut self.u, f, &[b, d, l]),
-            view(&mut self.delta, f, &[b, d, l]),
-            view(&mut self.a, f, &[d, n]),
-        );
-        let (bm, cm) = (
-            view(&mut self.bm, f, &[b, n, l]),
-            view(&mut self.cm, f, &[b, n, l]),
-        );
-        let (dv, z, h0) = (
-            view(&mut self.dv, f, &[d]),
-            view(&mut self.z, f, &[b, d, l]),
-            view(&mut self.h0, f, &[b, d, n]),
-        );
+        let v = self.views();
         let (ov, sv) = (
             view(&mut out, f, &[b, d, l]),
             view(&mut states, f, &[b, d, nc, n]),
         );
-        let args = FwdArgs {
-            u: &u,
-            delta: &delta,
-            a: &a,
-            b: &bm,
-            c: &cm,
-            d: Some(&dv),
-            z: Some(&z),
-            delta_bias: None,
-            initial_state: Some(&h0),
-            delta_softplus: true,
-            chunk_size: chunk,
-        };
+        let args = fwd_args(&v, chunk);
         let plan = plan_forward(
             &args,
             Some(&FwdOut {
@@ -148,6 +139,22 @@ impl Case {
             })
             .collect();
         (out, last)
+    }
+}
+
+fn fwd_args(v: &[TensorView; 8], chunk: i32) -> FwdArgs<'_> {
+    FwdArgs {
+        u: &v[0],
+        delta: &v[1],
+        a: &v[2],
+        b: &v[3],
+        c: &v[4],
+        d: Some(&v[5]),
+        z: Some(&v[6]),
+        delta_bias: None,
+        initial_state: Some(&v[7]),
+        delta_softplus: true,
+        chunk_size: chunk,
     }
 }
 
@@ -191,37 +198,12 @@ fn backward_matches_finite_differences() {
     let mut dh0 = vec![f64::NAN; b * d * n];
     {
         let f = DType::F64;
-        let (u, delta, a) = (
-            view(&mut c.u, f, &[bi, di, li]),
-            view(&mut c.delta, f, &[bi, di, li]),
-            view(&mut c.a, f, &[di, ni]),
-        );
-        let (bm, cm) = (
-            view(&mut c.bm, f, &[bi, ni, li]),
-            view(&mut c.cm, f, &[bi, ni, li]),
-        );
-        let (dv, z, h0) = (
-            view(&mut c.dv, f, &[di]),
-            view(&mut c.z, f, &[bi, di, li]),
-            view(&mut c.h0, f, &[bi, di, ni]),
-        );
+        let v = c.views();
         let (ov, sv) = (
             view(&mut out, f, &[bi, di, li]),
             view(&mut states, f, &[bi, di, nc, ni]),
         );
-        let args = FwdArgs {
-            u: &u,
-            delta: &delta,
-            a: &a,
-            b: &bm,
-            c: &cm,
-            d: Some(&dv),
-            z: Some(&z),
-            delta_bias: None,
-            initial_state: Some(&h0),
-            delta_softplus: true,
-            chunk_size: chunk,
-        };
+        let args = fwd_args(&v, chunk);
         let plan = plan_forward(
             &args,
             Some(&FwdOut {
