@@ -146,16 +146,19 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
     // Sums over time are taken per chunk and then added to the running total (two levels), which
     // keeps their rounding error near that of torch's pairwise sums.
     let mut dd = R::ZERO;
-    for t in 0..len {
-        let mut dy = s.dout[t];
-        if has_z {
-            let zt = s.z[t];
+    if has_z {
+        for t in 0..len {
+            let (zt, go) = (s.z[t], s.dout[t]);
             let sz = sigmoid(zt);
             let out = madd::<R, FMA>(dval, s.u[t], s.y[t]);
-            s.dz[t] = dy * out * sz * (R::ONE + zt * (R::ONE - sz));
-            dy = dy * zt * sz;
+            s.dz[t] = go * out * sz * (R::ONE + zt * (R::ONE - sz));
+            s.dy[t] = go * zt * sz;
         }
-        s.dy[t] = dy;
+    } else {
+        s.dy[..len].copy_from_slice(&s.dout[..len]);
+    }
+    for t in 0..len {
+        let dy = s.dy[t];
         dd = madd::<R, FMA>(dy, s.u[t], dd);
         s.du[t] = dval * dy;
     }
@@ -363,14 +366,16 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                         _ => chan_chunk::<R, MAX_NB, VB, VC, FMA>(nblk, len, j, s, has_z),
                     }
                     // delta's gradient through the bias and softplus.
-                    let mut dbias = R::ZERO;
-                    for t in 0..len {
-                        let mut g = s.ddt[t];
-                        if p.delta_softplus != 0 && !(s.x[t] > R::from_f64(20.0)) {
-                            g = g * sigmoid(s.x[t]);
+                    if p.delta_softplus != 0 {
+                        let thr = R::from_f64(20.0);
+                        for (g, x) in s.ddt[..len].iter_mut().zip(&s.x[..len]) {
+                            let sg = sigmoid(*x);
+                            *g = *g * if *x > thr { R::ONE } else { sg };
                         }
-                        s.ddt[t] = g;
-                        dbias = dbias + g;
+                    }
+                    let mut dbias = R::ZERO;
+                    for g in &s.ddt[..len] {
+                        dbias = dbias + *g;
                     }
                     s.dbias[j] = s.dbias[j] + dbias;
                     let t0i = t0 as i64;

@@ -43,16 +43,18 @@ pub(crate) fn padded(dstate: usize) -> usize {
 
 #[inline(always)]
 pub(crate) fn hsum<R: Real>(v: &[R; W]) -> R {
-    // Fixed pairwise order: deterministic and vectorisable.
-    let mut s = *v;
-    let mut w = W / 2;
-    while w > 0 {
-        for i in 0..w {
-            s[i] = s[i] + s[i + w];
-        }
-        w /= 2;
+    // Fixed pairwise order (deterministic), written as shrinking arrays so that LLVM keeps the
+    // halves in registers (a single in-place array went through the stack).
+    let mut a8 = [R::ZERO; 8];
+    for i in 0..8 {
+        a8[i] = v[i] + v[i + 8];
     }
-    s[0]
+    let mut a4 = [R::ZERO; 4];
+    for i in 0..4 {
+        a4[i] = a8[i] + a8[i + 4];
+    }
+    let a2 = [a4[0] + a4[2], a4[1] + a4[3]];
+    a2[0] + a2[1]
 }
 
 #[inline(always)]
