@@ -383,8 +383,7 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
         expect_shape(t, arg, &src.shape, if is_b { "B.shape" } else { "C.shape" })?;
         expect_device(t, arg, dev)?;
         t.require_writable(arg)?;
-        let (var, _, bs, gs, ns) = check_bc(t, arg, batch, dim, dstate, u.shape[2], ind, wd)?;
-        let _ = var;
+        let (_, _, bs, gs, ns) = check_bc(t, arg, batch, dim, dstate, u.shape[2], ind, wd)?;
         if is_b {
             (
                 p.db_ptr,

@@ -118,8 +118,20 @@ def test_chunked_prefill_equals_full():
     torch.testing.assert_close(h2, last, rtol=1e-5, atol=1e-5)
 
 
-def test_deterministic_backward():
-    inp = make_inputs(batch=3, dim=40, seqlen=700, dstate=16, b_mode="g2", c_mode="var")
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.float32),
+        pytest.param(
+            "cuda",
+            torch.bfloat16,
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+def test_deterministic_backward(device, dtype):
+    inp = make_inputs(batch=3, dim=40, seqlen=700, dstate=16, b_mode="g2", c_mode="var",
+                      device=device, dtype=dtype)  # fmt: skip
     grads = []
     for _ in range(3):
         leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}

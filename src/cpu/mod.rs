@@ -452,11 +452,6 @@ where
     }
 }
 
-/// Raw params that can cross into rayon's threads. The pointers in it address tensors that the
-/// caller keeps alive and does not touch for the duration of the call.
-#[derive(Clone, Copy)]
-pub struct SendPtr(pub u64);
-
 #[cfg(test)]
 mod math_tests {
     use super::*;

@@ -41,6 +41,9 @@ struct DeviceState {
     ctx: sys::CUcontext,
     arch: String,
     funcs: HashMap<(KernelSpec, &'static str), sys::CUfunction>,
+    /// Dynamic shared memory each function has been allowed so far (cuFuncSetAttribute once per
+    /// function and size, not on every launch).
+    smem_allowed: HashMap<(KernelSpec, &'static str), u32>,
 }
 
 // SAFETY: CUcontext / CUfunction are opaque driver handles, valid from any thread; every use
@@ -82,6 +85,7 @@ fn device_state(map: &mut HashMap<i32, DeviceState>, ordinal: i32) -> Result<&mu
                 ctx,
                 arch: format!("sm_{major}{minor}"),
                 funcs: HashMap::new(),
+                smem_allowed: HashMap::new(),
             },
         );
     }
@@ -259,13 +263,19 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     // (the driver copies them at launch); the stream is the caller's live stream on this device;
     // every pointer in `p` was validated by plan_forward / plan_backward.
     unsafe {
-        if smem > 48 * 1024 {
+        let allowed = st
+            .smem_allowed
+            .get(&(spec, spec.entry()))
+            .copied()
+            .unwrap_or(48 * 1024);
+        if smem > allowed {
             drv::function::set_function_attribute(
                 main,
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
             .map_err(driver_err("cuFuncSetAttribute"))?;
+            st.smem_allowed.insert((spec, spec.entry()), smem);
         }
         if p.batch > 0 && p.dim > 0 {
             let mut args = [
