@@ -69,40 +69,147 @@ __device__ __forceinline__ float rcp(float x) {
 // Per-step (not per-state) functions use the accurate libdevice versions, which NVRTC provides
 // without headers: their cost is 1/dstate of the scan's.
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+// rcp.approx has at most 1 ulp of error: cheaper than the IEEE division, as accurate here.
+__device__ __forceinline__ float sigmoid_f(float x) { return rcp(1.f + expf(-x)); }
 
 __device__ __forceinline__ float shfl_xor(float v, int m, unsigned mask) {
     return __shfl_xor_sync(mask, v, m);
 }
 
-// Sum 16 per-step partials p[0..15] across the 16 lanes of a half-warp, leaving the total of
-// step (lane & 15) in the result: a reduce-scatter in 15 shuffles (8 + 4 + 2 + 1) instead of
-// 16 x 4 for step-by-step butterflies. At each level a lane keeps the half of its values that
-// its bit selects and sends the other half to its partner.
-__device__ __forceinline__ float reduce_scatter16(float (&p)[16], int lane, unsigned mask) {
-    const bool b3 = lane & 8, b2 = lane & 4, b1 = lane & 2, b0 = lane & 1;
-    float q[8];
+// Reduce-scatter across the M lanes lane0 + k * STRIDE (k < M) of a warp, V partials per lane
+// (V, M powers of two): after it, w[0 .. R) with R = max(V / M, 1) holds totals of partials
+// [blk * R, blk * R + R), where blk = k >> (log2 M - H) and H = min(log2 V, log2 M) halving
+// levels. When V < M the last levels are plain butterflies and the lanes with those low bits of k
+// set hold copies: `rs_owner` says which lane writes. At each halving level a lane keeps the half
+// its bit selects and sends the other half to its partner: V - R shuffles instead of V log2 M.
+template <int SIZE, int m, int STRIDE, int V>
+__device__ __forceinline__ void rs_level(float (&w)[V], int k, unsigned mask) {
+    if constexpr (m >= 1) {
+        if constexpr (SIZE > 1) {
+            const bool up = k & m;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        float send = b3 ? p[j] : p[j + 8];
-        float keep = b3 ? p[j + 8] : p[j];
-        q[j] = keep + shfl_xor(send, 8, mask);
+            for (int i = 0; i < SIZE / 2; ++i) {
+                const float send = up ? w[i] : w[i + SIZE / 2];
+                const float keep = up ? w[i + SIZE / 2] : w[i];
+                w[i] = keep + __shfl_xor_sync(mask, send, m * STRIDE);
+            }
+            rs_level<SIZE / 2, m / 2, STRIDE>(w, k, mask);
+        } else {
+            w[0] += __shfl_xor_sync(mask, w[0], m * STRIDE);
+            rs_level<1, m / 2, STRIDE>(w, k, mask);
+        }
     }
-    float r[4];
+}
+template <int V, int M, int STRIDE>
+__device__ __forceinline__ void reduce_scatter(float (&w)[V], int k, unsigned mask) {
+    rs_level<V, M / 2, STRIDE>(w, k, mask);
+}
+template <int X> struct Lg { static constexpr int v = 1 + Lg<X / 2>::v; };
+template <> struct Lg<1> { static constexpr int v = 0; };
+template <int V, int M> struct RS {
+    static constexpr int H = Lg<V>::v < Lg<M>::v ? Lg<V>::v : Lg<M>::v;
+    static constexpr int R = V / (1 << H);
+    static constexpr int LOW = Lg<M>::v - H;  // butterfly levels
+    __device__ static __forceinline__ int blk(int k) { return k >> LOW; }
+    __device__ static __forceinline__ bool owner(int k) { return (k & ((1 << LOW) - 1)) == 0; }
+};
+
+// Vectorised row I/O between global memory (in_t, contiguous along t) and fp32 shared memory:
+// 16-byte accesses where the address is aligned and the vector lies inside the row, scalar
+// otherwise. VEC elements per 16 bytes.
+template <int kT> struct Vec { static constexpr int n = kT == 0 ? 4 : 8; };
+
+template <int kT>
+__device__ __forceinline__ void load_vec(const typename InType<kT>::t* src, int valid, float* dst) {
+    constexpr int VEC = Vec<kT>::n;
+    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
+        const uint4 r = *reinterpret_cast<const uint4*>(src);
+        if constexpr (kT == 0) {
+            dst[0] = __uint_as_float(r.x);
+            dst[1] = __uint_as_float(r.y);
+            dst[2] = __uint_as_float(r.z);
+            dst[3] = __uint_as_float(r.w);
+        } else {
+            const unsigned wv[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        float send = b2 ? q[j] : q[j + 4];
-        float keep = b2 ? q[j + 4] : q[j];
-        r[j] = keep + shfl_xor(send, 4, mask);
-    }
-    float s[2];
+            for (int i = 0; i < 4; ++i) {
+                dst[2 * i] = to_f<kT>((u16)(wv[i] & 0xffffu));
+                dst[2 * i + 1] = to_f<kT>((u16)(wv[i] >> 16));
+            }
+        }
+    } else {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        float send = b1 ? r[j] : r[j + 2];
-        float keep = b1 ? r[j + 2] : r[j];
-        s[j] = keep + shfl_xor(send, 2, mask);
+        for (int i = 0; i < VEC; ++i) dst[i] = i < valid ? to_f<kT>(src[i]) : 0.f;
     }
-    float send = b0 ? s[0] : s[1];
-    float keep = b0 ? s[1] : s[0];
-    return keep + shfl_xor(send, 1, mask);
+}
+
+template <int kT>
+__device__ __forceinline__ void store_vec(typename InType<kT>::t* dst, int valid, const float* v) {
+    constexpr int VEC = Vec<kT>::n;
+    if (valid >= VEC && ((unsigned long long)dst & 15) == 0) {
+        uint4 r;
+        if constexpr (kT == 0) {
+            r.x = __float_as_uint(v[0]);
+            r.y = __float_as_uint(v[1]);
+            r.z = __float_as_uint(v[2]);
+            r.w = __float_as_uint(v[3]);
+        } else {
+            unsigned wv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                wv[i] = (unsigned)(u16)from_f<kT>(v[2 * i]) | ((unsigned)(u16)from_f<kT>(v[2 * i + 1]) << 16);
+            r.x = wv[0];
+            r.y = wv[1];
+            r.z = wv[2];
+            r.w = wv[3];
+        }
+        *reinterpret_cast<uint4*>(dst) = r;
+    } else {
+        for (int i = 0; i < VEC && i < valid; ++i) dst[i] = from_f<kT>(v[i]);
+    }
+}
+
+// Asynchronous global -> shared copies (cp.async, sm_80+; a plain copy before that), so that the
+// next tile's loads are in flight while the current tile is computed.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+// One 16-byte vector of a row: asynchronously when the source is aligned and whole, otherwise
+// element by element with zeros past `valid` (which may be <= 0: all zeros, nothing read).
+template <int kT>
+__device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typename InType<kT>::t* src, int valid) {
+    constexpr int VEC = Vec<kT>::n;
+    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
+        cp_async16(dst, src);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dst[k] = k < valid ? src[k] : (typename InType<kT>::t)0;
+    }
+}
+
+// KS consecutive fp32 values from 16-byte aligned shared memory, as float4 reads.
+template <int KS>
+__device__ __forceinline__ void ld_states(const float* src, float (&v)[KS]) {
+#pragma unroll
+    for (int s4 = 0; s4 < KS; s4 += 4) {
+        const float4 x = *reinterpret_cast<const float4*>(src + s4);
+        v[s4] = x.x;
+        v[s4 + 1] = x.y;
+        v[s4 + 2] = x.z;
+        v[s4 + 3] = x.w;
+    }
 }

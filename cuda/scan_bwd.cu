@@ -1,27 +1,27 @@
 // Backward selective scan, and the deterministic second-stage reduction.
 //
-// Same work layout as the forward (a block owns KCH channels of one batch row, a half-warp one
-// channel, lane l the states l + 16 s). Tiles are walked in reverse. For each tile the lane
-// recomputes h over the tile from the state the forward saved at the tile's start, keeping the
-// tile's history in registers (kChunk x kNS floats: the loops are fully unrolled so every index
-// is a compile-time constant), recomputes y for the z-gate gradient, then runs the reverse scan:
-//   g_t = a_{t+1} g_{t+1} + C_t dy_t,  dB_t += g_t dt_t u_t,  dC_t += dy_t h_t,
-//   ddt_t = sum_n g_t (B_t u_t + A a_t h_{t-1}),  du_t = D dy_t + dt_t sum_n g_t B_t,
-//   dA += dt_t g_t a_t h_{t-1}.
-// Sums over n use the 16-lane reduce-scatter. Nothing is reduced with atomics: per-(batch,
-// channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a workspace slot each; variable dB/dC
-// are summed over the block's channels in shared memory in a fixed order and written as one
-// partial per block; ssm_bwd_reduce adds the partials in a fixed order. Bitwise reproducible.
+// Same work layout as the forward (kG lanes per channel, lane j the states j kKS + s; a block
+// owns `kch` channels of one batch row). Chunks (kChunk steps, one saved state each) are walked
+// in reverse; per chunk the block stages u, x = delta + bias, dt, dt u, dout and z with 16-byte
+// loads, and the B / C tiles. Then, per lane:
+//   1. from the chunk's saved start state, a forward pass keeps the state at the start of each
+//      kTs-step sub-tile (in registers);
+//   2. for each sub-tile, last first: recompute its kTs steps into registers (the history h_t),
+//      with y_t for the gate gradients (dz, and dy = dout z sigmoid(z)); then the reverse scan
+//        g_t = a_{t+1} g_{t+1} + C_t dy_t,   dB_t += g_t dt_t u_t,   dC_t += dy_t h_t,
+//        ddt_t = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1},  du_t = D dy_t + dt_t sum_n g_t B_t,
+//        dA += dt_t g_t a_t h_{t-1}.
+// Sums over n (the channel's lanes) use the reduce-scatter; variable dB / dC are summed over the
+// warp's channels by a reduce-scatter too, then over the block's warps in shared memory in a
+// fixed order and written as one partial per block and step. Nothing is reduced with atomics:
+// per-(batch, channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a workspace slot each and
+// ssm_bwd_reduce adds the slots and the partials in a fixed order. Bitwise reproducible.
 
-#define T_PAD (kChunk + 1)
-
-__device__ __forceinline__ float half_warp_sum(float v, unsigned mask) {
-    v += shfl_xor(v, 8, mask);
-    v += shfl_xor(v, 4, mask);
-    v += shfl_xor(v, 2, mask);
-    v += shfl_xor(v, 1, mask);
-    return v;
-}
+#define TP (kChunk + 4)
+#define kU (kG > 4 ? kG : 4)
+#define kTs (kKS <= 4 ? 16 : 8)
+#define kUB 4
+#define TSP (kTs + 1)
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
 // dD, ddelta_bias), then variable-dB partials [batch][tiles][N][L], then variable-dC partials.
@@ -32,53 +32,61 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
     return (long long)p.batch * (p.dim / kch) * p.dstate * p.seqlen;
 }
 
-extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, const int kch_arg) {
+extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
+    constexpr int NP = kG * kKS;
+    constexpr int T = kChunk;
+    constexpr int NSUB = T / kTs;
+    constexpr int VEC = Vec<kInType>::n;
+    constexpr int MC = 32 / kG;  // channels per warp
     extern __shared__ float smem[];
-    const int KCH = blockDim.x >> 4;
-    const int c = threadIdx.x >> 4, lane = threadIdx.x & 15;
-    const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : 0x0000ffffu;
+    const int rows = blockDim.x / kG;
+    const int nwarps = blockDim.x / 32;
+    const int c = threadIdx.x / kG, j = threadIdx.x % kG;
+    const int warp = threadIdx.x >> 5, cw = (threadIdx.x & 31) / kG;
+    const bool live = c < kch;
     const int b = blockIdx.y;
-    const int d0 = blockIdx.x * KCH;
-    const int d = d0 + c;
+    const int d0 = blockIdx.x * kch;
+    const int d = live ? d0 + c : d0;
     const int N = p.dstate, L = p.seqlen;
-    const int T = kChunk;
-    const int NP = 16 * kNS;
-    const int NWS = KCH >= 2 ? KCH / 2 : 1;  // dB/dC slices: one per warp
+    const unsigned mask = 0xffffffffu;
 
-    float* s_dt = smem;
-    float* s_dtu = s_dt + KCH * T;
-    float* s_u = s_dtu + KCH * T;
-    float* s_x = s_u + KCH * T;
-    float* s_z = s_x + KCH * T;
-    float* s_dout = s_z + KCH * T;
-    float* s_dy = s_dout + KCH * T;
-    float* s_y = s_dy + KCH * T;
-    float* s_B = s_y + 2 * KCH * T;
-    float* s_C = s_B + (kVarB ? NP * T_PAD : 0);
-    float* s_dB = s_C + (kVarC ? NP * T_PAD : 0);
-    float* s_dC = s_dB + (kVarB ? NWS * NP * T : 0);
+    constexpr int RT = T + VEC;  // raw rows, padded by 16 bytes
+    float* s_dt = smem;  // dt, then ddelta
+    float* s_u = s_dt + rows * TP;  // u, then du
+    float* s_dy = s_u + rows * TP;  // dout, then dy
+    float* s_z = s_dy + rows * TP;  // z, then dz
+    float* s_B = s_z + (kHasZ ? rows * TP : 0);
+    float* s_C = s_B + (kVarB ? T * NP : 0);
+    float* s_part = s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kTs + 1]
+    float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * NP * TSP : 0);  // per-warp dB / dC
+    // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
+    in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1) ? nwarps * kUB * MC * 2 * NP : 0));
+    in_t* r_dl = r_u + rows * RT;
+    in_t* r_do = r_dl + rows * RT;
+    in_t* r_z = r_do + rows * RT;
+    in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
+    in_t* r_C = r_B + (kVarB ? NP * RT : 0);
 
-    const long long ubs = (long long)b * p.u_batch_stride;
-    const in_t* u = (const in_t*)p.u_ptr + ubs + (long long)d * p.u_d_stride;
-    const in_t* delta = (const in_t*)p.delta_ptr + (long long)b * p.delta_batch_stride + (long long)d * p.delta_d_stride;
-    const in_t* z = (const in_t*)p.z_ptr + (long long)b * p.z_batch_stride + (long long)d * p.z_d_stride;
-    const in_t* dout = (const in_t*)p.dout_ptr + (long long)b * p.dout_batch_stride + (long long)d * p.dout_d_stride;
-    in_t* du = (in_t*)p.du_ptr + (long long)b * p.du_batch_stride + (long long)d * p.du_d_stride;
-    in_t* ddelta = (in_t*)p.ddelta_ptr + (long long)b * p.ddelta_batch_stride + (long long)d * p.ddelta_d_stride;
-    in_t* dz = (in_t*)p.dz_ptr + (long long)b * p.dz_batch_stride + (long long)d * p.dz_d_stride;
-    const in_t* Bv = (const in_t*)p.b_ptr + (long long)b * p.b_batch_stride +
+    const long long ub = (long long)b;
+    const in_t* u = (const in_t*)p.u_ptr + ub * p.u_batch_stride;
+    const in_t* delta = (const in_t*)p.delta_ptr + ub * p.delta_batch_stride;
+    const in_t* z = (const in_t*)p.z_ptr + ub * p.z_batch_stride;
+    const in_t* dout = (const in_t*)p.dout_ptr + ub * p.dout_batch_stride;
+    in_t* du = (in_t*)p.du_ptr + ub * p.du_batch_stride;
+    in_t* ddelta = (in_t*)p.ddelta_ptr + ub * p.ddelta_batch_stride;
+    in_t* dz = (in_t*)p.dz_ptr + ub * p.dz_batch_stride;
+    const in_t* Bv = (const in_t*)p.b_ptr + ub * p.b_batch_stride +
                      (long long)(d0 / (p.dim / p.b_ngroups)) * p.b_group_stride;
-    const in_t* Cv = (const in_t*)p.c_ptr + (long long)b * p.c_batch_stride +
+    const in_t* Cv = (const in_t*)p.c_ptr + ub * p.c_batch_stride +
                      (long long)(d0 / (p.dim / p.c_ngroups)) * p.c_group_stride;
-    const float Dv = p.has_d ? ((const float*)p.d_ptr)[d] : 0.f;
-    const float bias = p.has_delta_bias ? ((const float*)p.delta_bias_ptr)[d] : 0.f;
+    const float Dv = (p.has_d && live) ? ((const float*)p.d_ptr)[d] : 0.f;
 
-    float A2[kNS], Bf[kNS], Cf[kNS], g[kNS], dA[kNS], dBf[kNS], dCf[kNS];
+    float A2[kKS], Bf[kKS], Cf[kKS], g[kKS], dA[kKS], dBf[kKS], dCf[kKS];
 #pragma unroll
-    for (int s = 0; s < kNS; ++s) {
-        const int n = lane + 16 * s;
-        const bool ok = n < N;
+    for (int s = 0; s < kKS; ++s) {
+        const int n = j * kKS + s;
+        const bool ok = live && n < N;
         A2[s] = ok ? ((const float*)p.a_ptr)[d * p.a_d_stride + n * p.a_dstate_stride] * LOG2E_F : 0.f;
         Bf[s] = (!kVarB && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
         Cf[s] = (!kVarC && ok) ? ((const float*)p.c_ptr)[d * p.c_group_stride + n * p.c_dstate_stride] : 0.f;
@@ -88,193 +96,325 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
     float dD = 0.f, dbias = 0.f;
     const float* states = (const float*)p.states_ptr + ((long long)b * p.dim + d) * p.n_chunks * N;
     float* ws = (float*)p.workspace_ptr;
+    const long long tiles = p.dim / kch;
     float* ws_dB = ws + ws_chan_size(p);
-    float* ws_dC = ws_dB + (kVarB ? ws_part_size(p, KCH) : 0);
+    float* ws_dC = ws_dB + (kVarB ? ws_part_size(p, kch) : 0);
 
-    for (int tile = p.n_chunks - 1; tile >= 0; --tile) {
+    // Chunks run last to first. Iteration n_chunks only starts the copies of the last chunk;
+    // each chunk starts those of the one before it as soon as its own inputs are converted.
+    for (int tile = p.n_chunks; tile >= 0; --tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
-        __syncthreads();  // shared tiles of the previous iteration are no longer read
-        // Per-step inputs of this lane's channel: lane handles steps lane, lane + 16, ...
-        for (int t = lane; t < T; t += 16) {
-            float uu = 0.f, x = 0.f, dt = 0.f, zz = 0.f, go = 0.f;
-            if (t < len) {
-                uu = to_f<kInType>(u[t0 + t]);
-                x = to_f<kInType>(delta[t0 + t]) + bias;
-                dt = p.delta_softplus ? softplus_f(x) : x;
-                if (kHasZ) zz = to_f<kInType>(z[t0 + t]);
-                go = to_f<kInType>(dout[t0 + t]);
-            }
-            const int i = c * T + t;
-            s_u[i] = uu;
-            s_x[i] = x;
-            s_dt[i] = dt;
-            s_dtu[i] = dt * uu;
-            s_z[i] = zz;
-            s_dout[i] = go;
-        }
-        if (kVarB) {
-            for (int i = threadIdx.x; i < NP * T; i += blockDim.x) {
-                const int n = i / T, t = i - n * T;
-                s_B[n * T_PAD + t] = (n < N && t < len) ? to_f<kInType>(Bv[(long long)n * p.b_dstate_stride + t0 + t]) : 0.f;
-            }
-            for (int i = threadIdx.x; i < NWS * NP * T; i += blockDim.x) s_dB[i] = 0.f;
-        }
-        if (kVarC) {
-            for (int i = threadIdx.x; i < NP * T; i += blockDim.x) {
-                const int n = i / T, t = i - n * T;
-                s_C[n * T_PAD + t] = (n < N && t < len) ? to_f<kInType>(Cv[(long long)n * p.c_dstate_stride + t0 + t]) : 0.f;
-            }
-            for (int i = threadIdx.x; i < NWS * NP * T; i += blockDim.x) s_dC[i] = 0.f;
-        }
-        __syncthreads();
-
-        // Recompute the tile from its start state.
-        float h0[kNS];
+        if (tile < p.n_chunks) {
+            cp_async_wait_all();
+            __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
+            for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+                const int valid = cc < kch ? len - t : 0;
+                float uu[VEC], dt[VEC], gg[VEC], zz[VEC];
+                load_vec<kInType>(r_u + cc * RT + t, VEC, uu);
+                load_vec<kInType>(r_dl + cc * RT + t, VEC, dt);
+                load_vec<kInType>(r_do + cc * RT + t, VEC, gg);
+                if (kHasZ) load_vec<kInType>(r_z + cc * RT + t, VEC, zz);
+                const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
-        for (int s = 0; s < kNS; ++s) {
-            const int n = lane + 16 * s;
-            h0[s] = 0.f;
-            if (n < N) {
-                if (tile > 0) h0[s] = states[(long long)(tile - 1) * N + n];
-                else if (p.has_initial_state) h0[s] = ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n];
-            }
-        }
-        float hs[kChunk][kNS];
-#pragma unroll
-        for (int t16 = 0; t16 < kChunk; t16 += 16) {
-            float pacc[16];
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const int t = t16 + j;
-                const float dt = s_dt[c * T + t], dtu = s_dtu[c * T + t];
-                float acc = 0.f;
-#pragma unroll
-                for (int s = 0; s < kNS; ++s) {
-                    const int n = lane + 16 * s;
-                    const float hp = t == 0 ? h0[s] : hs[t == 0 ? 0 : t - 1][s];
-                    const float bb = kVarB ? s_B[n * T_PAD + t] : Bf[s];
-                    const float cc = kVarC ? s_C[n * T_PAD + t] : Cf[s];
-                    hs[t][s] = fmaf(ex2(dt * A2[s]), hp, dtu * bb);
-                    acc = fmaf(cc, hs[t][s], acc);
+                for (int k = 0; k < VEC; ++k) {
+                    const float x = dt[k] + bias;
+                    dt[k] = k < valid ? (p.delta_softplus ? softplus_f(x) : x) : 0.f;
                 }
-                pacc[j] = acc;
+#pragma unroll
+                for (int k = 0; k < VEC; k += 4) {
+                    const int o = cc * TP + t + k;
+                    *reinterpret_cast<float4*>(&s_dt[o]) = f4(dt[k], dt[k + 1], dt[k + 2], dt[k + 3]);
+                    *reinterpret_cast<float4*>(&s_u[o]) = f4(uu[k], uu[k + 1], uu[k + 2], uu[k + 3]);
+                    *reinterpret_cast<float4*>(&s_dy[o]) = f4(gg[k], gg[k + 1], gg[k + 2], gg[k + 3]);
+                    if (kHasZ) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
+                }
             }
-            s_y[c * T + t16 + lane] = reduce_scatter16(pacc, lane, mask);
-        }
-        __syncwarp(mask);
-        // Gate and skip gradients, per step (lane handles steps lane, lane + 16, ...).
-        for (int t = lane; t < T; t += 16) {
-            const int i = c * T + t;
-            float dy = s_dout[i];
-            if (kHasZ) {
-                const float zz = s_z[i];
-                const float sz = sigmoid_f(zz);
-                const float o = fmaf(Dv, s_u[i], s_y[i]);
-                if (t < len) dz[t0 + t] = from_f<kInType>(dy * o * sz * (1.f + zz * (1.f - sz)));
-                dy *= zz * sz;
-            }
-            s_dy[i] = dy;
-            dD = fmaf(dy, s_u[i], dD);
-        }
-        __syncwarp(mask);
-
-        // Reverse scan over the tile.
-#pragma unroll
-        for (int t16 = kChunk - 16; t16 >= 0; t16 -= 16) {
-            float qdu[16], qdt[16];
-#pragma unroll
-            for (int j = 15; j >= 0; --j) {
-                const int t = t16 + j;
-                const int i = c * T + t;
-                const float dy = s_dy[i], dt = s_dt[i], dtu = s_dtu[i], uu = s_u[i];
-                float sdu = 0.f, sdt = 0.f;
-#pragma unroll
-                for (int s = 0; s < kNS; ++s) {
-                    const int n = lane + 16 * s;
-                    const float bb = kVarB ? s_B[n * T_PAD + t] : Bf[s];
-                    const float cc = kVarC ? s_C[n * T_PAD + t] : Cf[s];
-                    const float hprev = t == 0 ? h0[s] : hs[t == 0 ? 0 : t - 1][s];
-                    const float da = ex2(dt * A2[s]);
-                    const float gl = fmaf(cc, dy, g[s]);
-                    const float dbv = gl * dtu;
-                    const float dcv = dy * hs[t][s];
+            if (kVarB || kVarC) {
+                for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
+                    const int n = i % NP, t = (i / NP) * VEC;
+                    float v[VEC];
                     if (kVarB) {
-                        // Lanes l and l + 16 (the warp's two channels) hold the same (n, t).
-                        const float v = KCH >= 2 ? dbv + shfl_xor(dbv, 16, mask) : dbv;
-                        if (KCH < 2 || c % 2 == 0) s_dB[((c >> 1) * NP + n) * T + t] = v;
-                    } else {
-                        dBf[s] += dbv;
+                        load_vec<kInType>(r_B + n * RT + t, VEC, v);
+#pragma unroll
+                        for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
                     if (kVarC) {
-                        const float v = KCH >= 2 ? dcv + shfl_xor(dcv, 16, mask) : dcv;
-                        if (KCH < 2 || c % 2 == 0) s_dC[((c >> 1) * NP + n) * T + t] = v;
-                    } else {
-                        dCf[s] += dcv;
+                        load_vec<kInType>(r_C + n * RT + t, VEC, v);
+#pragma unroll
+                        for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
                     }
-                    sdu = fmaf(gl, bb, sdu);
-                    const float gah = gl * da * hprev;
-                    sdt = fmaf(gl * bb, uu, sdt);
-                    sdt = fmaf(A2[s] * LN2_F, gah, sdt);
-                    dA[s] = fmaf(dt, gah, dA[s]);
-                    g[s] = gl * da;
                 }
-                qdu[j] = sdu;
-                qdt[j] = sdt;
             }
-            const float su = reduce_scatter16(qdu, lane, mask);
-            const float st = reduce_scatter16(qdt, lane, mask);
-            const int t = t16 + lane;
-            const int i = c * T + t;
-            if (t < len) {
-                const float dt = s_dt[i];
-                du[t0 + t] = from_f<kInType>(fmaf(Dv, s_dy[i], dt * su));
-                float gx = st;
-                if (p.delta_softplus && !(s_x[i] > 20.f)) gx *= sigmoid_f(s_x[i]);
-                ddelta[t0 + t] = from_f<kInType>(gx);
-                dbias += gx;
+            __syncthreads();
+        }
+        if (tile > 0) {
+            // Start the copies of the previous chunk's raw inputs.
+            const int pt0 = t0 - T;
+            const int plen = min(T, L - pt0);
+            for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+                const int valid = cc < kch ? plen - t : 0;
+                const long long dd = d0 + cc;
+                fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + pt0 + t, valid);
+                fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + pt0 + t, valid);
+                fetch_vec<kInType>(r_do + cc * RT + t, dout + dd * p.dout_d_stride + pt0 + t, valid);
+                if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + pt0 + t, valid);
+            }
+            if (kVarB || kVarC) {
+                for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
+                    const int n = i / (T / VEC), t = (i - n * (T / VEC)) * VEC;
+                    const int valid = n < N ? plen - t : 0;
+                    if (kVarB) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + pt0 + t, valid);
+                    if (kVarC) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + pt0 + t, valid);
+                }
             }
         }
-        // Variable dB / dC: sum the warps' slices in a fixed order, one partial per block.
-        if (kVarB || kVarC) {
-            __syncthreads();
-            const long long tiles = p.dim / KCH;
-            for (int i = threadIdx.x; i < N * T; i += blockDim.x) {
-                const int n = i / T, t = i - n * T;
-                if (t >= len) continue;
-                const long long o = (((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t;
-                if (kVarB) {
-                    float v = 0.f;
-                    for (int w = 0; w < NWS; ++w) v += s_dB[(w * NP + n) * T + t];
-                    ws_dB[o] = v;
-                }
-                if (kVarC) {
-                    float v = 0.f;
-                    for (int w = 0; w < NWS; ++w) v += s_dC[(w * NP + n) * T + t];
-                    ws_dC[o] = v;
+        if (tile == p.n_chunks) continue;
+        // Per-chunk partial sums, added to the totals at the chunk's end (shorter fp32 sums).
+        float dDc = 0.f, dbc = 0.f, dAc[kKS];
+#pragma unroll
+        for (int s = 0; s < kKS; ++s) dAc[s] = 0.f;
+
+        // 1. Sub-tile start states, from the chunk's start state (registers: the loop is unrolled).
+        float hb[NSUB][kKS];
+        {
+#pragma unroll
+            for (int s = 0; s < kKS; ++s) {
+                const int n = j * kKS + s;
+                hb[0][s] = 0.f;
+                if (live && n < N) {
+                    if (tile > 0) hb[0][s] = states[(long long)(tile - 1) * N + n];
+                    else if (p.has_initial_state) hb[0][s] = ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n];
                 }
             }
+#pragma unroll
+            for (int sub = 1; sub < NSUB; ++sub) {
+                float h[kKS];
+#pragma unroll
+                for (int s = 0; s < kKS; ++s) h[s] = hb[sub - 1][s];
+#pragma unroll
+                for (int q = 0; q < kTs; q += 4) {
+                    const int t = (sub - 1) * kTs + q;
+                    const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t]);
+                    const float4 u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + t]);
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
+                        const float dtu = dt * (k == 0 ? u4.x : k == 1 ? u4.y : k == 2 ? u4.z : u4.w);
+                        float bb[kKS];
+                        if (kVarB) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
+#pragma unroll
+                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * (kVarB ? bb[s] : Bf[s]));
+                    }
+                }
+#pragma unroll
+                for (int s = 0; s < kKS; ++s) hb[sub][s] = h[s];
+            }
+        }
+
+        // 2. Sub-tiles in reverse.
+#pragma unroll 1
+        for (int sub = NSUB - 1; sub >= 0; --sub) {
+            const int ts = sub * kTs;
+            float hst[kKS], hs[kTs][kKS];
+#pragma unroll
+            for (int s = 0; s < kKS; ++s) {
+                hst[s] = hb[0][s];
+#pragma unroll
+                for (int q = 1; q < NSUB; ++q) hst[s] = sub == q ? hb[q][s] : hst[s];
+            }
+            // Recompute the history and y; the gate gradients of the steps this lane owns.
+#pragma unroll
+            for (int ui = 0; ui < kTs / kUB; ++ui) {
+                float pacc[kUB];
+#pragma unroll
+                for (int k = 0; k < kUB; ++k) {
+                    const int i = ui * kUB + k, t = ts + i;
+                    const float dt = s_dt[c * TP + t], dtu = dt * s_u[c * TP + t];
+                    float acc = 0.f, bb[kKS], cv[kKS];
+                    if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                    if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#pragma unroll
+                    for (int s = 0; s < kKS; ++s) {
+                        const float B_ = kVarB ? bb[s] : Bf[s];
+                        const float C_ = kVarC ? cv[s] : Cf[s];
+                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        hs[i][s] = fmaf(ex2(dt * A2[s]), hp, dtu * B_);
+                        acc = fmaf(C_, hs[i][s], acc);
+                    }
+                    pacc[k] = acc;
+                }
+                reduce_scatter<kUB, kG, 1>(pacc, j, mask);
+                typedef RS<kUB, kG> R;
+                if (R::owner(j)) {
+#pragma unroll
+                    for (int r = 0; r < R::R; ++r) {
+                        const int idx = c * TP + ts + ui * kUB + R::blk(j) * R::R + r;
+                        const float uu = s_u[idx];
+                        float dy = s_dy[idx];
+                        if (kHasZ) {
+                            const float zz = s_z[idx];
+                            const float sz = sigmoid_f(zz);
+                            const float o = fmaf(Dv, uu, pacc[r]);
+                            s_z[idx] = dy * o * sz * (1.f + zz * (1.f - sz));
+                            dy *= zz * sz;
+                        }
+                        s_dy[idx] = dy;
+                        dDc = fmaf(dy, uu, dDc);
+                    }
+                }
+            }
+            __syncwarp(mask);
+            // Reverse scan over the sub-tile.
+#pragma unroll
+            for (int ui = kTs / kUB - 1; ui >= 0; --ui) {
+                float pdu[kUB], pdt[kUB];
+#pragma unroll
+                for (int k = kUB - 1; k >= 0; --k) {
+                    const int i = ui * kUB + k, t = ts + i;
+                    const float dy = s_dy[c * TP + t], dt = s_dt[c * TP + t], dtu = dt * s_u[c * TP + t];
+                    float sdu = 0.f, sdt = 0.f;
+                    float vbc[2 * kKS], bb[kKS], cv[kKS];
+                    if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                    if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#pragma unroll
+                    for (int s = 0; s < kKS; ++s) {
+                        const float B_ = kVarB ? bb[s] : Bf[s];
+                        const float C_ = kVarC ? cv[s] : Cf[s];
+                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        const float a = ex2(dt * A2[s]);
+                        const float gl = fmaf(C_, dy, g[s]);
+                        const float ga = gl * a;
+                        const float gah = ga * hp;
+                        dAc[s] = fmaf(dt, gah, dAc[s]);
+                        sdt = fmaf(A2[s], gah, sdt);
+                        sdu = fmaf(gl, B_, sdu);
+                        vbc[s] = gl * dtu;
+                        vbc[kKS + s] = dy * hs[i][s];
+                        if (!kVarB) dBf[s] += vbc[s];
+                        if (!kVarC) dCf[s] += vbc[kKS + s];
+                        g[s] = ga;
+                    }
+                    if (kVarB || kVarC) {
+                        if constexpr (MC > 1) {
+                            // To the warp's scratch, [step][channel][dB|dC][n]; summed below.
+                            float* w = s_scr + warp * (kUB * MC * 2 * NP) + (k * MC + cw) * 2 * NP + j * kKS;
+#pragma unroll
+                            for (int s4 = 0; s4 < kKS; s4 += 4) {
+                                *reinterpret_cast<float4*>(w + s4) = f4(vbc[s4], vbc[s4 + 1], vbc[s4 + 2], vbc[s4 + 3]);
+                                *reinterpret_cast<float4*>(w + NP + s4) =
+                                    f4(vbc[kKS + s4], vbc[kKS + s4 + 1], vbc[kKS + s4 + 2], vbc[kKS + s4 + 3]);
+                            }
+                        } else {
+#pragma unroll
+                            for (int v = 0; v < 2 * kKS; ++v) {
+                                const int which = v >= kKS ? 1 : 0;
+                                const int n = j * kKS + (v - which * kKS);
+                                s_part[((warp * 2 + which) * NP + n) * TSP + i] = vbc[v];
+                            }
+                        }
+                    }
+                    pdu[k] = sdu;
+                    pdt[k] = sdt;
+                }
+                if constexpr ((kVarB || kVarC) && MC > 1) {
+                    // Sum the warp's channels of dB / dC per (step, n): float4 reads of the scratch
+                    // (cheaper than shuffles: one add per value and channel), fixed order.
+                    __syncwarp(mask);
+                    const float* w = s_scr + warp * (kUB * MC * 2 * NP);
+                    for (int it = threadIdx.x & 31; it < kUB * 2 * NP / 4; it += 32) {
+                        const int k = it / (2 * NP / 4), f = (it - k * (2 * NP / 4)) * 4;
+                        float4 acc = *reinterpret_cast<const float4*>(w + k * MC * 2 * NP + f);
+#pragma unroll 4
+                        for (int m = 1; m < MC; ++m) {
+                            const float4 v = *reinterpret_cast<const float4*>(w + (k * MC + m) * 2 * NP + f);
+                            acc.x += v.x;
+                            acc.y += v.y;
+                            acc.z += v.z;
+                            acc.w += v.w;
+                        }
+                        const int which = f / NP, n = f - which * NP, i = ui * kUB + k;
+                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + i;
+                        dst[0] = acc.x;
+                        dst[TSP] = acc.y;
+                        dst[2 * TSP] = acc.z;
+                        dst[3 * TSP] = acc.w;
+                    }
+                    __syncwarp(mask);
+                }
+                reduce_scatter<kUB, kG, 1>(pdu, j, mask);
+                reduce_scatter<kUB, kG, 1>(pdt, j, mask);
+                typedef RS<kUB, kG> R;
+                if (R::owner(j)) {
+#pragma unroll
+                    for (int r = 0; r < R::R; ++r) {
+                        const int t = ts + ui * kUB + R::blk(j) * R::R + r;
+                        const int idx = c * TP + t;
+                        const float su = pdu[r];
+                        const float dt = s_dt[idx];
+                        float gx = fmaf(s_u[idx], su, LN2_F * pdt[r]);
+                        // d softplus(x) / dx = sigmoid(x) = 1 - exp(-softplus(x)), from dt itself.
+                        if (p.delta_softplus) gx *= -expm1f(-dt);
+                        s_u[idx] = fmaf(Dv, s_dy[idx], dt * su);
+                        s_dt[idx] = gx;
+                        if (t < len) dbc += gx;
+                    }
+                }
+            }
+            if (kVarB || kVarC) {
+                // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
+                __syncthreads();
+                for (int m = threadIdx.x; m < 2 * NP * kTs; m += blockDim.x) {
+                    const int i = m % kTs, n = (m / kTs) % NP, which = m / (kTs * NP);
+                    const int t = ts + i;
+                    if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                    float v = 0.f;
+                    for (int w = 0; w < nwarps; ++w) v += s_part[((w * 2 + which) * NP + n) * TSP + i];
+                    float* dst = which == 0 ? ws_dB : ws_dC;
+                    dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                }
+                __syncthreads();
+            }
+        }
+        dD += dDc;
+        dbias += dbc;
+#pragma unroll
+        for (int s = 0; s < kKS; ++s) dA[s] += dAc[s];
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+            const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+            if (cc >= kch || t >= len) continue;
+            const long long dd = d0 + cc;
+            store_vec<kInType>(du + dd * p.du_d_stride + t0 + t, len - t, &s_u[cc * TP + t]);
+            store_vec<kInType>(ddelta + dd * p.ddelta_d_stride + t0 + t, len - t, &s_dt[cc * TP + t]);
+            if (kHasZ) store_vec<kInType>(dz + dd * p.dz_d_stride + t0 + t, len - t, &s_z[cc * TP + t]);
         }
     }
     // Per-channel results.
-    float* slot = ws + ((long long)b * p.dim + d) * (3 * N + 2);
 #pragma unroll
-    for (int s = 0; s < kNS; ++s) {
-        const int n = lane + 16 * s;
-        if (n < N) {
-            slot[n] = dA[s];
-            slot[N + n] = dBf[s];
-            slot[2 * N + n] = dCf[s];
-            if (p.dinitial_state_ptr) ((float*)p.dinitial_state_ptr)[((long long)b * p.dim + d) * N + n] = g[s];
+    for (int m = 1; m < kG; m *= 2) {
+        dD += __shfl_xor_sync(mask, dD, m);
+        dbias += __shfl_xor_sync(mask, dbias, m);
+    }
+    if (live) {
+        float* slot = ws + ((long long)b * p.dim + d) * (3 * N + 2);
+#pragma unroll
+        for (int s = 0; s < kKS; ++s) {
+            const int n = j * kKS + s;
+            if (n < N) {
+                slot[n] = dA[s];
+                slot[N + n] = dBf[s];
+                slot[2 * N + n] = dCf[s];
+                if (p.dinitial_state_ptr) ((float*)p.dinitial_state_ptr)[((long long)b * p.dim + d) * N + n] = g[s];
+            }
+        }
+        if (j == 0) {
+            slot[3 * N] = dD;
+            slot[3 * N + 1] = dbias;
         }
     }
-    dD = half_warp_sum(dD, mask);
-    dbias = half_warp_sum(dbias, mask);
-    if (lane == 0) {
-        slot[3 * N] = dD;
-        slot[3 * N + 1] = dbias;
-    }
-    (void)kch_arg;
 }
 
 // Second stage: fixed-order sums of the workspace into the gradient outputs. One thread per

@@ -1,58 +1,68 @@
 // Forward selective scan: discretisation, scan, C contraction, D skip and z gating in one pass.
 //
-// Layout of the work: a block owns KCH channels (blockDim = 16 * KCH) of one batch row, all in
-// one B group and one C group, and walks the sequence in tiles of kChunk steps. A half-warp owns
-// one channel; lane l holds states n = l + 16 s (s < kNS) in registers for the whole sequence.
-// Per tile the block stages u, dt = softplus(delta + bias), dt * u (and z) of its channels and
-// the variable B / C tile in shared memory (B / C once for all KCH channels), then each lane
-// runs its states through the tile. y_t = sum_n C h needs a sum across the 16 lanes: each lane
-// keeps 16 steps of partial sums and one 15-shuffle reduce-scatter leaves y of step l in lane l.
-// The state is written to HBM only at tile ends (for the backward and last_state). Steps past
+// Layout of the work: kG adjacent lanes own one channel, lane j the kKS states
+// n = j kKS + s (s < kKS) in registers for the whole sequence; a block owns `kch` channels of one
+// batch row (all in one B group and one C group) and walks the sequence in tiles of kChunk steps.
+// Per tile the block stages, with 16-byte loads, dt = softplus(delta + bias), dt u, u (and z) of
+// its channels in shared memory ([channel][t], fp32, once per element for the whole block, not
+// per lane), and the variable B / C tile as [t][n]. The scan then reads dt and dt u four steps
+// per float4 (broadcast to the channel's lanes) and B / C as float4 of the lane's states. The
+// output y_t = sum_n C h needs a sum over the channel's kG lanes: each lane keeps kU steps of
+// partial sums and one reduce-scatter leaves kU / kG finished steps in each lane, which writes
+// them over dt in shared memory (all lanes of the channel have read those dt values before the
+// shuffles); the D skip, the z gate and the 16-byte stores run vectorised over the whole block
+// after the tile, off the scan's latency chain. The state goes to HBM only at tile ends (for the backward and last_state). Steps past
 // the end of the sequence run with dt = 0, which leaves h unchanged.
 //
-// Compile-time: kInType (0 f32, 1 f16, 2 bf16), kNS (states per lane: dstate <= 16 kNS),
-// kChunk (steps per tile, a multiple of 16), kVarB, kVarC, kHasZ.
+// Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kChunk (steps per tile
+// and per saved state), kVarB, kVarC, kHasZ. Run-time argument kch: channels per block (blockDim
+// = max(32, kch kG); lanes past kch channels compute on zeros and write nothing).
 
-// B / C tiles are [n][T_PAD]: rows padded by 4 floats so that float4 reads along t by the 16
-// lanes (16 rows) of a half-warp spread over all banks (two wavefronts, the minimum for 256 B).
-#define T_PAD (kChunk + 4)
+#define TP (kChunk + 4)
+#define kU (kG > 16 ? 16 : kG > 4 ? kG : 4)
 
-extern "C" __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ssm_fwd(const SsmParams p) {
+extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
+    constexpr int NP = kG * kKS;
+    constexpr int T = kChunk;
+    constexpr int VEC = Vec<kInType>::n;
     extern __shared__ float smem[];
-    const int KCH = blockDim.x >> 4;
-    const int c = threadIdx.x >> 4, lane = threadIdx.x & 15;
-    const unsigned mask = blockDim.x >= 32 ? 0xffffffffu : 0x0000ffffu;
+    const int rows = blockDim.x / kG;
+    const int c = threadIdx.x / kG, j = threadIdx.x % kG;
+    const bool live = c < kch;
     const int b = blockIdx.y;
-    const int d0 = blockIdx.x * KCH;
-    const int d = d0 + c;
+    const int d0 = blockIdx.x * kch;
+    const int d = live ? d0 + c : d0;
     const int N = p.dstate, L = p.seqlen;
-    const int T = kChunk;
 
-    float* s_dt = smem;
-    float* s_dtu = s_dt + KCH * T;
-    float* s_u = s_dtu + KCH * T;
-    float* s_z = s_u + KCH * T;
-    float* s_y = s_z + (kHasZ ? KCH * T : 0);
-    float* s_B = s_y + KCH * T;
-    float* s_C = s_B + (kVarB ? 16 * kNS * T_PAD : 0);
+    constexpr int RT = T + VEC;  // raw rows, padded by 16 bytes (conflict-free vector reads)
+    float* s_dt = smem;  // also the output tile
+    float* s_dtu = s_dt + rows * TP;
+    float* s_u = s_dtu + rows * TP;
+    float* s_z = s_u + rows * TP;
+    float* s_B = s_z + (kHasZ ? rows * TP : 0);
+    float* s_C = s_B + (kVarB ? T * NP : 0);
+    // Raw (input dtype) tiles, filled by cp.async one tile ahead.
+    in_t* r_u = (in_t*)(s_C + (kVarC ? T * NP : 0));
+    in_t* r_dl = r_u + rows * RT;
+    in_t* r_z = r_dl + rows * RT;
+    in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
+    in_t* r_C = r_B + (kVarB ? NP * RT : 0);
 
     const in_t* u = (const in_t*)p.u_ptr + (long long)b * p.u_batch_stride;
     const in_t* delta = (const in_t*)p.delta_ptr + (long long)b * p.delta_batch_stride;
     const in_t* z = (const in_t*)p.z_ptr + (long long)b * p.z_batch_stride;
     in_t* out = (in_t*)p.out_ptr + (long long)b * p.out_batch_stride;
-    const float* Dp = (const float*)p.d_ptr;
-    const float* biasp = (const float*)p.delta_bias_ptr;
     const in_t* Bv = (const in_t*)p.b_ptr + (long long)b * p.b_batch_stride +
                      (long long)(d0 / (p.dim / p.b_ngroups)) * p.b_group_stride;
     const in_t* Cv = (const in_t*)p.c_ptr + (long long)b * p.c_batch_stride +
                      (long long)(d0 / (p.dim / p.c_ngroups)) * p.c_group_stride;
 
-    float A2[kNS], Bf[kNS], Cf[kNS], h[kNS];
+    float A2[kKS], Bf[kKS], Cf[kKS], h[kKS];
 #pragma unroll
-    for (int s = 0; s < kNS; ++s) {
-        const int n = lane + 16 * s;
-        const bool ok = n < N;
+    for (int s = 0; s < kKS; ++s) {
+        const int n = j * kKS + s;
+        const bool ok = live && n < N;
         // Multiply A by log2(e) once so the decay is a single ex2 per state and step.
         A2[s] = ok ? ((const float*)p.a_ptr)[d * p.a_d_stride + n * p.a_dstate_stride] * LOG2E_F : 0.f;
         Bf[s] = (!kVarB && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
@@ -62,91 +72,160 @@ extern "C" __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ssm_fwd
                    : 0.f;
     }
     float* states = (float*)p.states_ptr + ((long long)b * p.dim + d) * p.n_chunks * N;
+    const unsigned mask = 0xffffffffu;
 
-    for (int tile = 0; tile < p.n_chunks; ++tile) {
+    // Tile -1 only starts the copies of tile 0; each tile starts those of the next one as soon
+    // as its own raw inputs are converted.
+    for (int tile = -1; tile < p.n_chunks; ++tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
-        __syncthreads();  // the previous tile's epilogue is done with shared memory
-        for (int i = threadIdx.x; i < KCH * T; i += blockDim.x) {
-            const int cc = i / T, t = i - cc * T, dd = d0 + cc;
-            float uu = 0.f, dt = 0.f, zz = 0.f;
-            if (t < len) {
-                const long long o = t0 + t;
-                uu = to_f<kInType>(u[(long long)dd * p.u_d_stride + o]);
-                float x = to_f<kInType>(delta[(long long)dd * p.delta_d_stride + o]);
-                if (p.has_delta_bias) x += biasp[dd];
-                dt = p.delta_softplus ? softplus_f(x) : x;
-                if (kHasZ) zz = to_f<kInType>(z[(long long)dd * p.z_d_stride + o]);
-            }
-            s_dt[i] = dt;
-            s_dtu[i] = dt * uu;
-            s_u[i] = uu;
-            if (kHasZ) s_z[i] = zz;
-        }
-        if (kVarB) {
-            for (int i = threadIdx.x; i < 16 * kNS * T; i += blockDim.x) {
-                const int n = i / T, t = i - n * T;
-                s_B[n * T_PAD + t] = (n < N && t < len) ? to_f<kInType>(Bv[(long long)n * p.b_dstate_stride + t0 + t]) : 0.f;
-            }
-        }
-        if (kVarC) {
-            for (int i = threadIdx.x; i < 16 * kNS * T; i += blockDim.x) {
-                const int n = i / T, t = i - n * T;
-                s_C[n * T_PAD + t] = (n < N && t < len) ? to_f<kInType>(Cv[(long long)n * p.c_dstate_stride + t0 + t]) : 0.f;
-            }
-        }
-        __syncthreads();
-        for (int t16 = 0; t16 < T; t16 += 16) {
-            float pacc[16];
+        if (tile >= 0) {
+            cp_async_wait_all();
+            __syncthreads();  // this tile's raw inputs are in; the previous output tile is stored
+            // Convert: dt = softplus(delta + bias), dt u, u, z as fp32 rows; B / C as [t][n].
+            for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+                const int valid = cc < kch ? len - t : 0;
+                float uu[VEC], dt[VEC], zz[VEC];
+                load_vec<kInType>(r_u + cc * RT + t, VEC, uu);
+                load_vec<kInType>(r_dl + cc * RT + t, VEC, dt);
+                if (kHasZ) load_vec<kInType>(r_z + cc * RT + t, VEC, zz);
+                const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                // Four steps per shared-memory read: dt, dt*u, B and C as float4 along t.
-                const int tq = t16 + 4 * q;
-                const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * T + tq]);
-                const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * T + tq]);
-                float4 b4[kNS], c4[kNS];
-#pragma unroll
-                for (int s = 0; s < kNS; ++s) {
-                    const int n = lane + 16 * s;
-                    if (kVarB) b4[s] = *reinterpret_cast<const float4*>(&s_B[n * T_PAD + tq]);
-                    else b4[s] = f4(Bf[s], Bf[s], Bf[s], Bf[s]);
-                    if (kVarC) c4[s] = *reinterpret_cast<const float4*>(&s_C[n * T_PAD + tq]);
-                    else c4[s] = f4(Cf[s], Cf[s], Cf[s], Cf[s]);
+                for (int k = 0; k < VEC; ++k) {
+                    const float x = dt[k] + bias;
+                    dt[k] = k < valid ? (p.delta_softplus ? softplus_f(x) : x) : 0.f;
                 }
+#pragma unroll
+                for (int k = 0; k < VEC; k += 4) {
+                    const int o = cc * TP + t + k;
+                    *reinterpret_cast<float4*>(&s_dt[o]) = f4(dt[k], dt[k + 1], dt[k + 2], dt[k + 3]);
+                    *reinterpret_cast<float4*>(&s_dtu[o]) =
+                        f4(dt[k] * uu[k], dt[k + 1] * uu[k + 1], dt[k + 2] * uu[k + 2], dt[k + 3] * uu[k + 3]);
+                    *reinterpret_cast<float4*>(&s_u[o]) = f4(uu[k], uu[k + 1], uu[k + 2], uu[k + 3]);
+                    if (kHasZ) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
+                }
+            }
+            if (kVarB || kVarC) {
+                // n fastest: the scattered [t][n] writes hit distinct banks; raw rows are padded.
+                for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
+                    const int n = i % NP, t = (i / NP) * VEC;
+                    float v[VEC];
+                    if (kVarB) {
+                        load_vec<kInType>(r_B + n * RT + t, VEC, v);
+#pragma unroll
+                        for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
+                    }
+                    if (kVarC) {
+                        load_vec<kInType>(r_C + n * RT + t, VEC, v);
+#pragma unroll
+                        for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        if (tile + 1 < p.n_chunks) {
+            // Start the copies of the next tile's raw inputs.
+            const int nt0 = t0 + T;
+            const int nlen = min(T, L - nt0);
+            for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+                const int valid = cc < kch ? nlen - t : 0;
+                const long long dd = d0 + cc;
+                fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + nt0 + t, valid);
+                fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + nt0 + t, valid);
+                if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
+            }
+            if (kVarB || kVarC) {
+                for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
+                    const int n = i / (T / VEC), t = (i - n * (T / VEC)) * VEC;
+                    const int valid = n < N ? nlen - t : 0;
+                    if (kVarB) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + nt0 + t, valid);
+                    if (kVarC) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + nt0 + t, valid);
+                }
+            }
+        }
+        if (tile < 0) continue;
+        for (int t = 0; t < T; t += kU) {
+            float pacc[kU];
+#pragma unroll
+            for (int q = 0; q < kU; q += 4) {
+                const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t + q]);
+                const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * TP + t + q]);
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
                     const float dtu = k == 0 ? dtu4.x : k == 1 ? dtu4.y : k == 2 ? dtu4.z : dtu4.w;
+                    float bb[kKS], cv[kKS];
+#pragma unroll
+                    for (int s4 = 0; s4 < kKS; s4 += 4) {
+                        if (kVarB) {
+                            const float4 v = *reinterpret_cast<const float4*>(&s_B[(t + q + k) * NP + j * kKS + s4]);
+                            bb[s4] = v.x, bb[s4 + 1] = v.y, bb[s4 + 2] = v.z, bb[s4 + 3] = v.w;
+                        }
+                        if (kVarC) {
+                            const float4 v = *reinterpret_cast<const float4*>(&s_C[(t + q + k) * NP + j * kKS + s4]);
+                            cv[s4] = v.x, cv[s4 + 1] = v.y, cv[s4 + 2] = v.z, cv[s4 + 3] = v.w;
+                        }
+                    }
                     float acc = 0.f;
 #pragma unroll
-                    for (int s = 0; s < kNS; ++s) {
-                        const float bb = k == 0 ? b4[s].x : k == 1 ? b4[s].y : k == 2 ? b4[s].z : b4[s].w;
-                        const float cc = k == 0 ? c4[s].x : k == 1 ? c4[s].y : k == 2 ? c4[s].z : c4[s].w;
-                        h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * bb);
-                        acc = fmaf(cc, h[s], acc);
+                    for (int s = 0; s < kKS; ++s) {
+                        const float B_ = kVarB ? bb[s] : Bf[s];
+                        const float C_ = kVarC ? cv[s] : Cf[s];
+                        h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
+                        acc = fmaf(C_, h[s], acc);
                     }
-                    pacc[4 * q + k] = acc;
+                    pacc[q + k] = acc;
                 }
             }
-            s_y[c * T + t16 + lane] = reduce_scatter16(pacc, lane, mask);
+            reduce_scatter<kU, kG, 1>(pacc, j, mask);
+            typedef RS<kU, kG> R;
+            if (R::owner(j)) {
+                // y over dt (all lanes of the channel have read those dt before the shuffles).
+#pragma unroll
+                for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
+            }
+        }
+        if (live) {
+            if (N % 4 == 0 && (p.states_ptr & 15) == 0) {
+#pragma unroll
+                for (int s4 = 0; s4 < kKS; s4 += 4)
+                    if (j * kKS + s4 < N)
+                        *reinterpret_cast<float4*>(&states[(long long)tile * N + j * kKS + s4]) =
+                            f4(h[s4], h[s4 + 1], h[s4 + 2], h[s4 + 3]);
+            } else {
+#pragma unroll
+                for (int s = 0; s < kKS; ++s)
+                    if (j * kKS + s < N) states[(long long)tile * N + j * kKS + s] = h[s];
+            }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < KCH * T; i += blockDim.x) {
-            const int cc = i / T, t = i - cc * T, dd = d0 + cc;
-            if (t < len) {
-                float o = s_y[i];
-                if (p.has_d) o = fmaf(Dp[dd], s_u[i], o);
-                if (kHasZ) {
-                    const float zz = s_z[i];
-                    o *= __fdividef(zz, 1.f + expf(-zz));  // silu; 2-ulp division
-                }
-                out[(long long)dd * p.out_d_stride + t0 + t] = from_f<kInType>(o);
-            }
-        }
+        // Epilogue, vectorised over the block: D skip, z gate, conversion, 16-byte stores.
+        for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+            const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+            if (cc >= kch || t >= len) continue;
+            const float Dc = p.has_d ? ((const float*)p.d_ptr)[d0 + cc] : 0.f;
+            float o[VEC];
 #pragma unroll
-        for (int s = 0; s < kNS; ++s) {
-            const int n = lane + 16 * s;
-            if (n < N) states[(long long)tile * N + n] = h[s];
+            for (int k = 0; k < VEC; k += 4) {
+                const int a = cc * TP + t + k;
+                const float4 y4 = *reinterpret_cast<const float4*>(&s_dt[a]);
+                const float4 u4 = *reinterpret_cast<const float4*>(&s_u[a]);
+                o[k] = fmaf(Dc, u4.x, y4.x);
+                o[k + 1] = fmaf(Dc, u4.y, y4.y);
+                o[k + 2] = fmaf(Dc, u4.z, y4.z);
+                o[k + 3] = fmaf(Dc, u4.w, y4.w);
+                if (kHasZ) {
+                    const float4 z4 = *reinterpret_cast<const float4*>(&s_z[a]);
+                    o[k] *= z4.x * sigmoid_f(z4.x);
+                    o[k + 1] *= z4.y * sigmoid_f(z4.y);
+                    o[k + 2] *= z4.z * sigmoid_f(z4.z);
+                    o[k + 3] *= z4.w * sigmoid_f(z4.w);
+                }
+            }
+            store_vec<kInType>(out + (long long)(d0 + cc) * p.out_d_stride + t0 + t, len - t, o);
         }
     }
 }

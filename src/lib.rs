@@ -387,14 +387,7 @@ fn cuda_cubin<'py>(
     var_c: bool,
     has_z: bool,
 ) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
-    let spec = cuda::compile::KernelSpec {
-        backward,
-        in_type,
-        ns: cuda::compile::ns_for_dstate(dstate),
-        var_b,
-        var_c,
-        has_z,
-    };
+    let spec = cuda::compile::KernelSpec::new(backward, in_type, dstate, var_b, var_c, has_z);
     let c = py.detach(move || cuda::compile::compile(&spec, &arch))?;
     Ok((pyo3::types::PyBytes::new(py, &c.cubin), c.log))
 }

@@ -112,25 +112,19 @@ def test_other_device_current():
 
 
 @cuda
-def test_dstate_over_64_backward_is_clear():
-    inp = make_inputs(dim=8, seqlen=64, dstate=128, device="cuda")
-    leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
-    out = selective_scan_fn(**leaves, delta_softplus=True)  # forward runs
-    with pytest.raises(NotImplementedError, match="dstate <= 64"):
-        out.sum().backward()
-
-
-@cuda
-def test_forward_dstate_128_and_256():
-    for n in (128, 256):
-        inp = make_inputs(dim=8, seqlen=100, dstate=n, device="cuda")
-        kw = {k: v for k, v in inp.items() if k != "initial_state"}
-        got = selective_scan_fn(**kw, delta_softplus=True)
-        want = selective_scan_fn(**{k: v.cpu() for k, v in kw.items()}, delta_softplus=True)
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("dstate", [5, 8, 24, 33, 128, 200, 256])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_every_layout_cuda(dstate, dtype):
+    """Each (states per lane, lanes per channel) layout, incl. padded ones, with a tail tile:
+    output, last_state and every gradient."""
+    inp = make_inputs(dim=8, seqlen=100, dstate=dstate, dtype=DTYPES[dtype], device="cuda",
+                      has_h0=True, seed=dstate)  # fmt: skip
+    check_parity(inp, label=f"cuda {dtype} N={dstate}")
 
 
 def test_chunk_size_rule():
     assert _native.cuda_chunk_size(16) == 64
     assert _native.cuda_chunk_size(1) == 64
-    assert _native.cuda_chunk_size(64) == 16
+    assert _native.cuda_chunk_size(64) == 64
+    assert _native.cuda_chunk_size(65) == 32
+    assert _native.cuda_chunk_size(256) == 16

@@ -20,20 +20,53 @@ pub struct KernelSpec {
     pub backward: bool,
     /// 0 f32, 1 f16, 2 bf16.
     pub in_type: u8,
-    /// States per lane: dstate <= 16 * ns; one of 1, 2, 4, 8, 16.
-    pub ns: u8,
+    /// States per lane (4 or 8).
+    pub ks: u8,
+    /// Lanes per channel (1 to 32): dstate <= ks * g.
+    pub g: u8,
     pub var_b: bool,
     pub var_c: bool,
     pub has_z: bool,
 }
 
-pub const NS_VALUES: [u8; 5] = [1, 2, 4, 8, 16];
+/// (states per lane, lanes per channel) for each dstate class, smallest first. Four states per
+/// lane keeps the per-lane history of the backward (16 steps x 4 states) in registers and gives
+/// dstate 16 four lanes per channel: enough warps to fill the H200 at the main shapes.
+pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
 
-/// The backward keeps a tile's state history in registers; beyond 8 states per lane it would
-/// spill (measured: 168-180 spill bytes at 8 per lane), so dstate > 64 has no CUDA backward yet.
-pub const MAX_BWD_NS: u8 = 4;
+/// Largest dstate the CUDA kernels take.
+pub const MAX_DSTATE: i32 = 256;
+
+pub fn layout_for_dstate(dstate: i32) -> (u8, u8) {
+    LAYOUTS
+        .into_iter()
+        .find(|&(ks, g)| dstate <= ks as i32 * g as i32)
+        .unwrap_or(LAYOUTS[LAYOUTS.len() - 1])
+}
+
+/// Steps per tile and per saved state: 64, then 32 and 16 as the padded dstate grows past 64 and
+/// 128 (the B / C tiles and dB / dC slices in shared memory grow with dstate).
+pub fn chunk_for_layout(ks: u8, g: u8) -> i32 {
+    match ks as i32 * g as i32 {
+        0..=64 => 64,
+        65..=128 => 32,
+        _ => 16,
+    }
+}
 
 impl KernelSpec {
+    pub fn new(backward: bool, in_type: u8, dstate: i32, var_b: bool, var_c: bool, has_z: bool) -> Self {
+        let (ks, g) = layout_for_dstate(dstate);
+        KernelSpec {
+            backward,
+            in_type,
+            ks,
+            g,
+            var_b,
+            var_c,
+            has_z,
+        }
+    }
     pub fn entry(&self) -> &'static str {
         if self.backward { "ssm_bwd" } else { "ssm_fwd" }
     }
@@ -44,21 +77,21 @@ impl KernelSpec {
             &["ssm_fwd"]
         }
     }
-    /// Steps per tile (and per saved state): the backward keeps a tile's state history in
-    /// registers (chunk x ns floats per lane), so the tile shrinks as dstate grows.
     pub fn chunk(&self) -> i32 {
-        chunk_for_ns(self.ns)
+        chunk_for_layout(self.ks, self.g)
+    }
+    /// Register sub-tile of the backward (steps of history per lane).
+    pub fn sub_tile(&self) -> i32 {
+        if self.ks <= 4 { 16 } else { 8 }
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
-        let (threads, min_blocks) = fwd_tuning();
         vec![
-            format!("-DkFwdThreads={threads}"),
-            format!("-DkFwdMinBlocks={min_blocks}"),
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
             "--ptxas-options=-v".into(),
             format!("-DkInType={}", self.in_type),
-            format!("-DkNS={}", self.ns),
+            format!("-DkKS={}", self.ks),
+            format!("-DkG={}", self.g),
             format!("-DkChunk={}", self.chunk()),
             format!("-DkVarB={}", self.var_b as i32),
             format!("-DkVarC={}", self.var_c as i32),
@@ -89,17 +122,15 @@ impl KernelSpec {
         let mut v = Vec::new();
         for backward in [false, true] {
             for in_type in 0..3u8 {
-                for ns in NS_VALUES
-                    .into_iter()
-                    .filter(|&n| !backward || n <= MAX_BWD_NS)
-                {
+                for (ks, g) in LAYOUTS {
                     for var_b in [false, true] {
                         for var_c in [false, true] {
                             for has_z in [false, true] {
                                 v.push(KernelSpec {
                                     backward,
                                     in_type,
-                                    ns,
+                                    ks,
+                                    g,
                                     var_b,
                                     var_c,
                                     has_z,
@@ -112,36 +143,6 @@ impl KernelSpec {
         }
         v
     }
-}
-
-/// Forward launch shape: (max threads per block, min blocks per SM for ptxas' register budget).
-/// Defaults to 16 channels (256 threads) and no register cap beyond 255 (min 1 block per SM:
-/// as fast as 2 on the H200, and a tighter cap spills at dstate 256). MAMBA_SCAN_FWD_KCH=8|16
-/// and MAMBA_SCAN_FWD_MINB=N override them (for tuning on a device).
-pub fn fwd_tuning() -> (u32, u32) {
-    let kch = std::env::var("MAMBA_SCAN_FWD_KCH")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|k| [1, 2, 4, 8, 16].contains(k))
-        .unwrap_or(16);
-    let minb = std::env::var("MAMBA_SCAN_FWD_MINB")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|m| (1..=32).contains(m))
-        .unwrap_or(1);
-    (16 * kch.max(1), minb)
-}
-
-pub fn ns_for_dstate(dstate: i32) -> u8 {
-    let need = (dstate.max(1) as u32).div_ceil(16);
-    NS_VALUES
-        .into_iter()
-        .find(|&n| n as u32 >= need)
-        .unwrap_or(16)
-}
-
-pub fn chunk_for_ns(ns: u8) -> i32 {
-    (64 / ns as i32).clamp(16, 64)
 }
 
 /// A compiled cubin and what ptxas reported about it.
@@ -347,14 +348,7 @@ mod tests {
         if nvrtc_present().is_err() {
             return;
         }
-        let spec = KernelSpec {
-            backward: true,
-            in_type: 2,
-            ns: 2,
-            var_b: true,
-            var_c: true,
-            has_z: true,
-        };
+        let spec = KernelSpec::new(true, 2, 16, true, true, true);
         let c = compile(&spec, "sm_90").unwrap();
         eprintln!("{:?}", c.resources());
         assert_eq!(c.resources().1, 0, "{}", c.log);

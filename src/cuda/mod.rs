@@ -7,7 +7,7 @@ pub mod compile;
 use crate::check::Plan;
 use crate::dlpack::{DType, Device};
 use crate::error::{Result, ScanError};
-use compile::{KernelSpec, chunk_for_ns, compile_cached, ns_for_dstate};
+use compile::{KernelSpec, chunk_for_layout, compile_cached, layout_for_dstate};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -134,19 +134,28 @@ fn in_type(d: DType) -> Result<u8> {
 
 /// Steps per saved state for a given dstate on CUDA (the shim sizes `states` with it).
 pub fn chunk_size(dstate: i32) -> i32 {
-    chunk_for_ns(ns_for_dstate(dstate))
+    let (ks, g) = layout_for_dstate(dstate);
+    chunk_for_layout(ks, g)
 }
 
-/// Channels per block: a power of two dividing dim and the group size of each variable B / C, so
-/// that a block's channels share one B tile and one C tile; up to 16 in the forward (the tile
-/// load is shared by more channels), 8 in the backward (its register and smem footprint).
-fn channels_per_block_fwd(p: &crate::params::SsmParams) -> i32 {
-    let max = (compile::fwd_tuning().0 / 16) as i32;
-    let g = gcd_groups(p);
-    [16, 8, 4, 2, 1]
-        .into_iter()
-        .find(|k| *k <= max && g % k == 0)
-        .unwrap()
+/// Threads per block at most, and channels per block at most (64: the one-lane layouts'
+/// fp32 tiles would not fit shared memory with 128).
+const MAX_THREADS: i32 = 128;
+const MAX_CHANNELS: i32 = 64;
+
+/// Channels per block: the largest power of two up to min(64, 128 / g) that divides dim and the
+/// group size of each variable B / C, so that a block's channels share one B tile and one C tile.
+fn channels_per_block(p: &crate::params::SsmParams, g: u8) -> i32 {
+    let groups = gcd_groups(p);
+    let mut k = (MAX_THREADS / g as i32).min(MAX_CHANNELS);
+    while k > 1 && groups % k != 0 {
+        k /= 2;
+    }
+    k
+}
+
+fn threads_per_block(kch: i32, g: u8) -> u32 {
+    (kch * g as i32).max(32) as u32
 }
 
 fn gcd_groups(p: &crate::params::SsmParams) -> i32 {
@@ -160,45 +169,61 @@ fn gcd_groups(p: &crate::params::SsmParams) -> i32 {
     g
 }
 
-fn channels_per_block(p: &crate::params::SsmParams) -> i32 {
-    let g = gcd_groups(p);
-    [8, 4, 2, 1].into_iter().find(|k| g % k == 0).unwrap()
-}
-
 fn gcd(a: i32, b: i32) -> i32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
     let p = &plan.params;
-    Ok(KernelSpec {
+    Ok(KernelSpec::new(
         backward,
-        in_type: in_type(plan.in_dtype)?,
-        ns: ns_for_dstate(p.dstate),
-        var_b: p.is_variable_b != 0,
-        var_c: p.is_variable_c != 0,
-        has_z: p.has_z != 0,
-    })
+        in_type(plan.in_dtype)?,
+        p.dstate,
+        p.is_variable_b != 0,
+        p.is_variable_c != 0,
+        p.has_z != 0,
+    ))
 }
 
-/// Shared memory (bytes) of one block; mirrors the carve-up at the top of each kernel.
-fn smem_bytes(spec: &KernelSpec, kch: u32) -> u32 {
+/// Shared memory (bytes) of one block; mirrors the carve-up at the top of each kernel: fp32
+/// tiles, then the raw (input dtype) tiles that cp.async fills one tile ahead.
+fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let t = spec.chunk() as u32;
-    let np = 16 * spec.ns as u32;
+    let tp = t + 4;
+    let esz = if spec.in_type == 0 { 4 } else { 2 };
+    let rt = t + 16 / esz;
+    let rows = threads / spec.g as u32;
+    let np = spec.ks as u32 * spec.g as u32;
     let nvar = spec.var_b as u32 + spec.var_c as u32;
-    let floats = if spec.backward {
-        let nws = if kch >= 2 { kch / 2 } else { 1 };
-        9 * kch * t + nvar * np * (t + 1) + nvar * nws * np * t
+    let z = spec.has_z as u32;
+    let (floats, raw_rows) = if spec.backward {
+        let ts = spec.sub_tile() as u32;
+        let mc = 32 / spec.g as u32;
+        let part = if nvar > 0 {
+            (threads / 32) * 2 * np * (ts + 1)
+                + if mc > 1 {
+                    (threads / 32) * 4 * mc * 2 * np
+                } else {
+                    0
+                }
+        } else {
+            0
+        };
+        (
+            (3 + z) * rows * tp + nvar * t * np + part,
+            3 + z,
+        )
     } else {
-        (4 + spec.has_z as u32) * kch * t + nvar * np * (t + 4)
+        ((3 + z) * rows * tp + nvar * t * np, 2 + z)
     };
-    floats * 4
+    floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
 }
 
 /// fp32 workspace (elements) the backward needs: per-(batch, channel) sums, then one partial of
 /// variable dB / dC per block of channels.
 pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
-    let tiles = (p.dim / channels_per_block(p).max(1)) as i64;
+    let (_, g) = layout_for_dstate(p.dstate);
+    let tiles = (p.dim / channels_per_block(p, g).max(1)) as i64;
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
     let chan = b * p.dim as i64 * (3 * n + 2);
     let part = b * tiles * n * l;
@@ -212,13 +237,6 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     };
     let p = plan.params;
     let spec = spec_of(plan, backward)?;
-    if backward && spec.ns > compile::MAX_BWD_NS {
-        return Err(ScanError::NotImplemented(format!(
-            "the CUDA backward supports dstate <= {} for now; got {} (the CPU path has no limit)",
-            16 * compile::MAX_BWD_NS as i32,
-            p.dstate
-        )));
-    }
     if p.chunk_size != spec.chunk() {
         return Err(ScanError::Shape {
             arg: "chunk_size".into(),
@@ -246,14 +264,9 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
             msg: "required by the CUDA backward".into(),
         });
     }
-    let kch = if backward {
-        channels_per_block(&p)
-    } else {
-        channels_per_block_fwd(&p)
-    }
-    .max(1);
-    let kch_u = kch as u32;
-    let smem = smem_bytes(&spec, kch_u);
+    let kch = channels_per_block(&p, spec.g);
+    let threads = threads_per_block(kch, spec.g);
+    let smem = smem_bytes(&spec, threads);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
     let st = device_state(&mut map, ordinal)?;
     let main = function(st, spec, spec.entry())?;
@@ -282,14 +295,13 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                 &mut pp as *mut _ as *mut c_void,
                 &mut kch_arg as *mut _ as *mut c_void,
             ];
-            let nargs = if backward { 2 } else { 1 };
             drv::launch_kernel(
                 main,
                 ((p.dim / kch) as u32, p.batch as u32, 1),
-                (16 * kch_u, 1, 1),
+                (threads, 1, 1),
                 smem,
                 stream as sys::CUstream,
-                &mut args[..nargs],
+                &mut args,
             )
             .map_err(driver_err(if backward {
                 "launch ssm_bwd"
@@ -340,10 +352,11 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
     let mut out = Vec::new();
     for spec in KernelSpec::all() {
         let name = format!(
-            "{} in{} ns{} varB{} varC{} z{} chunk{}",
+            "{} in{} ks{} g{} varB{} varC{} z{} chunk{}",
             spec.entry(),
             spec.in_type,
-            spec.ns,
+            spec.ks,
+            spec.g,
             spec.var_b as u8,
             spec.var_c as u8,
             spec.has_z as u8,
@@ -359,4 +372,19 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every specialisation at its largest block fits the 227 KB of shared memory of sm_80/sm_90.
+    #[test]
+    fn shared_memory_fits() {
+        for spec in KernelSpec::all() {
+            let kch = (MAX_THREADS / spec.g as i32).min(MAX_CHANNELS);
+            let bytes = smem_bytes(&spec, threads_per_block(kch, spec.g));
+            assert!(bytes <= 227 * 1024, "{spec:?}: {bytes} bytes");
+        }
+    }
 }
