@@ -201,15 +201,36 @@ __device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typ
     }
 }
 
-// KS consecutive fp32 values from 16-byte aligned shared memory, as float4 reads.
+// KS (2 or a multiple of 4) consecutive fp32 values, as float2 / float4 accesses: the address
+// must be aligned to their size (8 or 16 bytes).
 template <int KS>
 __device__ __forceinline__ void ld_states(const float* src, float (&v)[KS]) {
+    if constexpr (KS % 4 == 0) {
 #pragma unroll
-    for (int s4 = 0; s4 < KS; s4 += 4) {
-        const float4 x = *reinterpret_cast<const float4*>(src + s4);
-        v[s4] = x.x;
-        v[s4 + 1] = x.y;
-        v[s4 + 2] = x.z;
-        v[s4 + 3] = x.w;
+        for (int s4 = 0; s4 < KS; s4 += 4) {
+            const float4 x = *reinterpret_cast<const float4*>(src + s4);
+            v[s4] = x.x;
+            v[s4 + 1] = x.y;
+            v[s4 + 2] = x.z;
+            v[s4 + 3] = x.w;
+        }
+    } else {
+        static_assert(KS == 2, "states per lane: 2 or a multiple of 4");
+        const float2 x = *reinterpret_cast<const float2*>(src);
+        v[0] = x.x;
+        v[1] = x.y;
+    }
+}
+template <int KS>
+__device__ __forceinline__ void st_states(float* dst, const float* v) {
+    if constexpr (KS % 4 == 0) {
+#pragma unroll
+        for (int s4 = 0; s4 < KS; s4 += 4) *reinterpret_cast<float4*>(dst + s4) = f4(v[s4], v[s4 + 1], v[s4 + 2], v[s4 + 3]);
+    } else {
+        static_assert(KS == 2, "states per lane: 2 or a multiple of 4");
+        float2 x;
+        x.x = v[0];
+        x.y = v[1];
+        *reinterpret_cast<float2*>(dst) = x;
     }
 }

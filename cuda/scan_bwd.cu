@@ -301,12 +301,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                         if constexpr (MC > 1) {
                             // To the warp's scratch, [step][channel][dB|dC][n]; summed below.
                             float* w = s_scr + warp * (kUB * MC * 2 * NP) + (k * MC + cw) * 2 * NP + j * kKS;
-#pragma unroll
-                            for (int s4 = 0; s4 < kKS; s4 += 4) {
-                                *reinterpret_cast<float4*>(w + s4) = f4(vbc[s4], vbc[s4 + 1], vbc[s4 + 2], vbc[s4 + 3]);
-                                *reinterpret_cast<float4*>(w + NP + s4) =
-                                    f4(vbc[kKS + s4], vbc[kKS + s4 + 1], vbc[kKS + s4 + 2], vbc[kKS + s4 + 3]);
-                            }
+                            st_states<kKS>(w, vbc);
+                            st_states<kKS>(w + NP, vbc + kKS);
                         } else {
 #pragma unroll
                             for (int v = 0; v < 2 * kKS; ++v) {

@@ -158,17 +158,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
                     const float dtu = k == 0 ? dtu4.x : k == 1 ? dtu4.y : k == 2 ? dtu4.z : dtu4.w;
                     float bb[kKS], cv[kKS];
-#pragma unroll
-                    for (int s4 = 0; s4 < kKS; s4 += 4) {
-                        if (kVarB) {
-                            const float4 v = *reinterpret_cast<const float4*>(&s_B[(t + q + k) * NP + j * kKS + s4]);
-                            bb[s4] = v.x, bb[s4 + 1] = v.y, bb[s4 + 2] = v.z, bb[s4 + 3] = v.w;
-                        }
-                        if (kVarC) {
-                            const float4 v = *reinterpret_cast<const float4*>(&s_C[(t + q + k) * NP + j * kKS + s4]);
-                            cv[s4] = v.x, cv[s4 + 1] = v.y, cv[s4 + 2] = v.z, cv[s4 + 3] = v.w;
-                        }
-                    }
+                    if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
+                    if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
                     float acc = 0.f;
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
@@ -189,12 +180,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             }
         }
         if (live) {
-            if (N % 4 == 0 && (p.states_ptr & 15) == 0) {
-#pragma unroll
-                for (int s4 = 0; s4 < kKS; s4 += 4)
-                    if (j * kKS + s4 < N)
-                        *reinterpret_cast<float4*>(&states[(long long)tile * N + j * kKS + s4]) =
-                            f4(h[s4], h[s4 + 1], h[s4 + 2], h[s4 + 3]);
+            if (N % kKS == 0 && (p.states_ptr & 15) == 0) {
+                if (j * kKS < N) st_states<kKS>(&states[(long long)tile * N + j * kKS], h);
             } else {
 #pragma unroll
                 for (int s = 0; s < kKS; ++s)

@@ -20,7 +20,7 @@ pub struct KernelSpec {
     pub backward: bool,
     /// 0 f32, 1 f16, 2 bf16.
     pub in_type: u8,
-    /// States per lane (4 or 8).
+    /// States per lane (2, 4 or 8).
     pub ks: u8,
     /// Lanes per channel (1 to 32): dstate <= ks * g.
     pub g: u8,
@@ -29,10 +29,11 @@ pub struct KernelSpec {
     pub has_z: bool,
 }
 
-/// (states per lane, lanes per channel) for each dstate class, smallest first. Four states per
-/// lane keeps the per-lane history of the backward (16 steps x 4 states) in registers and gives
-/// dstate 16 four lanes per channel: enough warps to fill the H200 at the main shapes.
-pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
+/// (states per lane, lanes per channel) for each dstate class, smallest first. Two states per
+/// lane up to dstate 64: the per-step work of a channel (staging, softplus, gating, the sums over
+/// n) is spread over more lanes, the grid has more warps to hide latency, and the backward's
+/// per-lane history stays small; 4 and 8 per lane beyond, where a warp holds one channel.
+pub const LAYOUTS: [(u8, u8); 7] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32), (4, 32), (8, 32)];
 
 /// Largest dstate the CUDA kernels take.
 pub const MAX_DSTATE: i32 = 256;
