@@ -21,7 +21,10 @@
 #define kU (kG > 4 ? kG : 4)
 #define kTs (kKS <= 4 ? 16 : 8)
 #define kUB 4
-#define TSP (kTs + 1)
+// Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
+// slices are [warp][dB|dC][n][kFl + 1] in shared memory).
+#define kFl (kG * kKS > 32 ? kUB : kTs)
+#define TSP (kFl + 1)
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
 // dD, ddelta_bias), then variable-dB partials [batch][tiles][N][L], then variable-dC partials.
@@ -58,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
     float* s_z = s_dy + rows * TP;  // z, then dz
     float* s_B = s_z + (kHasZ ? rows * TP : 0);
     float* s_C = s_B + (kVarB ? T * NP : 0);
-    float* s_part = s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kTs + 1]
+    float* s_part = s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kFl + 1]
     float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * NP * TSP : 0);  // per-warp dB / dC
     // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
     in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1) ? nwarps * kUB * MC * 2 * NP : 0));
@@ -308,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                             for (int v = 0; v < 2 * kKS; ++v) {
                                 const int which = v >= kKS ? 1 : 0;
                                 const int n = j * kKS + (v - which * kKS);
-                                s_part[((warp * 2 + which) * NP + n) * TSP + i] = vbc[v];
+                                s_part[((warp * 2 + which) * NP + n) * TSP + i % kFl] = vbc[v];
                             }
                         }
                     }
@@ -332,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                             acc.w += v.w;
                         }
                         const int which = f / NP, n = f - which * NP, i = ui * kUB + k;
-                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + i;
+                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + i % kFl;
                         dst[0] = acc.x;
                         dst[TSP] = acc.y;
                         dst[2 * TSP] = acc.z;
@@ -358,20 +361,20 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                         if (t < len) dbc += gx;
                     }
                 }
-            }
-            if (kVarB || kVarC) {
-                // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
-                __syncthreads();
-                for (int m = threadIdx.x; m < 2 * NP * kTs; m += blockDim.x) {
-                    const int i = m % kTs, n = (m / kTs) % NP, which = m / (kTs * NP);
-                    const int t = ts + i;
-                    if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                    float v = 0.f;
-                    for (int w = 0; w < nwarps; ++w) v += s_part[((w * 2 + which) * NP + n) * TSP + i];
-                    float* dst = which == 0 ? ws_dB : ws_dC;
-                    dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                if ((kVarB || kVarC) && (ui * kUB) % kFl == 0) {
+                    // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
+                    __syncthreads();
+                    for (int m = threadIdx.x; m < 2 * NP * kFl; m += blockDim.x) {
+                        const int ii = m % kFl, n = (m / kFl) % NP, which = m / (kFl * NP);
+                        const int t = ts + ui * kUB + ii;
+                        if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                        float v = 0.f;
+                        for (int w = 0; w < nwarps; ++w) v += s_part[((w * 2 + which) * NP + n) * TSP + ii];
+                        float* dst = which == 0 ? ws_dB : ws_dC;
+                        dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                    }
+                    __syncthreads();
                 }
-                __syncthreads();
             }
         }
         dD += dDc;

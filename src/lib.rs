@@ -375,7 +375,7 @@ fn cuda_compile_all(
 
 /// The cubin and ptxas log of one specialisation (for inspecting SASS with cuobjdump/nvdisasm).
 #[pyfunction]
-#[pyo3(signature = (arch, backward, in_type, dstate, var_b, var_c, has_z))]
+#[pyo3(signature = (arch, backward, in_type, dstate, var_b, var_c, has_z, wide=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_cubin<'py>(
     py: Python<'py>,
@@ -386,8 +386,9 @@ fn cuda_cubin<'py>(
     var_b: bool,
     var_c: bool,
     has_z: bool,
+    wide: bool,
 ) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
-    let spec = cuda::compile::KernelSpec::new(backward, in_type, dstate, var_b, var_c, has_z);
+    let spec = cuda::compile::KernelSpec::new(backward, in_type, dstate, wide, var_b, var_c, has_z);
     let c = py.detach(move || cuda::compile::compile(&spec, &arch))?;
     Ok((pyo3::types::PyBytes::new(py, &c.cubin), c.log))
 }

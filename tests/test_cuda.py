@@ -30,7 +30,9 @@ BC = ["fixed", "var", "g1", "g2", "g4"]
 @cuda
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("b_mode,c_mode", list(itertools.product(BC, BC)))
-def test_bc_modes_cuda(dtype, b_mode, c_mode):
+@pytest.mark.parametrize("layout", ["deep", "wide"])
+def test_bc_modes_cuda(dtype, b_mode, c_mode, layout, monkeypatch):
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_LAYOUT", layout)
     inp = make_inputs(dim=8, seqlen=300, dstate=16, dtype=DTYPES[dtype], device="cuda",
                       b_mode=b_mode, c_mode=c_mode, has_h0=True)  # fmt: skip
     check_parity(inp, label=f"cuda {dtype} B={b_mode} C={c_mode}")
@@ -112,11 +114,13 @@ def test_other_device_current():
 
 
 @cuda
-@pytest.mark.parametrize("dstate", [5, 8, 24, 33, 128, 200, 256])
+@pytest.mark.parametrize("layout", ["deep", "wide"])
+@pytest.mark.parametrize("dstate", [3, 5, 8, 16, 24, 33, 64, 128, 200, 256])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_every_layout_cuda(dstate, dtype):
-    """Each (states per lane, lanes per channel) layout, incl. padded ones, with a tail tile:
-    output, last_state and every gradient."""
+def test_every_layout_cuda(dstate, dtype, layout, monkeypatch):
+    """Each (states per lane, lanes per channel) layout of both families, incl. padded ones,
+    with a tail tile: output, last_state and every gradient."""
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_LAYOUT", layout)
     inp = make_inputs(dim=8, seqlen=100, dstate=dstate, dtype=DTYPES[dtype], device="cuda",
                       has_h0=True, seed=dstate)  # fmt: skip
     check_parity(inp, label=f"cuda {dtype} N={dstate}")

@@ -61,6 +61,13 @@ def cuda_bwd_workspace_size(
 ) -> int: ...
 def cuda_compile_all(arch: str, use_cache: bool = False) -> list[tuple[str, int | None, int]]: ...
 def cuda_cubin(
-    arch: str, backward: bool, in_type: int, dstate: int, var_b: bool, var_c: bool, has_z: bool
+    arch: str,
+    backward: bool,
+    in_type: int,
+    dstate: int,
+    var_b: bool,
+    var_c: bool,
+    has_z: bool,
+    wide: bool = False,
 ) -> tuple[bytes, str]: ...
 def nvrtc_version() -> tuple[int, int]: ...

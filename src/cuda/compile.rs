@@ -29,19 +29,27 @@ pub struct KernelSpec {
     pub has_z: bool,
 }
 
-/// (states per lane, lanes per channel) for each dstate class, smallest first. Two states per
-/// lane up to dstate 64: the per-step work of a channel (staging, softplus, gating, the sums over
-/// n) is spread over more lanes, the grid has more warps to hide latency, and the backward's
-/// per-lane history stays small; 4 and 8 per lane beyond, where a warp holds one channel.
-pub const LAYOUTS: [(u8, u8); 7] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32), (4, 32), (8, 32)];
+/// (states per lane, lanes per channel) for each dstate class, smallest first. The deep family
+/// keeps 4 states per lane (8 at dstate 256, where a warp holds one channel); the wide family
+/// has 2 per lane up to dstate 64: the per-step work of a channel (staging, softplus, gating,
+/// the sums over n) is spread over twice the lanes and the grid has twice the warps, at the
+/// price of more shared-memory reads per state. The runtime picks one per call.
+pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
+pub const LAYOUTS_WIDE: [(u8, u8); 5] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32)];
 
 /// Largest dstate the CUDA kernels take.
 pub const MAX_DSTATE: i32 = 256;
 
-pub fn layout_for_dstate(dstate: i32) -> (u8, u8) {
+pub fn layout_for_dstate(dstate: i32, wide: bool) -> (u8, u8) {
+    let fits = |&(ks, g): &(u8, u8)| dstate <= ks as i32 * g as i32;
+    if wide {
+        if let Some(l) = LAYOUTS_WIDE.into_iter().find(fits) {
+            return l;
+        }
+    }
     LAYOUTS
         .into_iter()
-        .find(|&(ks, g)| dstate <= ks as i32 * g as i32)
+        .find(fits)
         .unwrap_or(LAYOUTS[LAYOUTS.len() - 1])
 }
 
@@ -56,8 +64,16 @@ pub fn chunk_for_layout(ks: u8, g: u8) -> i32 {
 }
 
 impl KernelSpec {
-    pub fn new(backward: bool, in_type: u8, dstate: i32, var_b: bool, var_c: bool, has_z: bool) -> Self {
-        let (ks, g) = layout_for_dstate(dstate);
+    pub fn new(
+        backward: bool,
+        in_type: u8,
+        dstate: i32,
+        wide: bool,
+        var_b: bool,
+        var_c: bool,
+        has_z: bool,
+    ) -> Self {
+        let (ks, g) = layout_for_dstate(dstate, wide);
         KernelSpec {
             backward,
             in_type,
@@ -123,7 +139,7 @@ impl KernelSpec {
         let mut v = Vec::new();
         for backward in [false, true] {
             for in_type in 0..3u8 {
-                for (ks, g) in LAYOUTS {
+                for (ks, g) in LAYOUTS.into_iter().chain(LAYOUTS_WIDE) {
                     for var_b in [false, true] {
                         for var_c in [false, true] {
                             for has_z in [false, true] {
@@ -349,7 +365,7 @@ mod tests {
         if nvrtc_present().is_err() {
             return;
         }
-        let spec = KernelSpec::new(true, 2, 16, true, true, true);
+        let spec = KernelSpec::new(true, 2, 16, false, true, true, true);
         let c = compile(&spec, "sm_90").unwrap();
         eprintln!("{:?}", c.resources());
         assert_eq!(c.resources().1, 0, "{}", c.log);

@@ -134,7 +134,8 @@ fn in_type(d: DType) -> Result<u8> {
 
 /// Steps per saved state for a given dstate on CUDA (the shim sizes `states` with it).
 pub fn chunk_size(dstate: i32) -> i32 {
-    let (ks, g) = layout_for_dstate(dstate);
+    // Both layout families of a dstate share the chunk (the forward's saved states).
+    let (ks, g) = layout_for_dstate(dstate, false);
     chunk_for_layout(ks, g)
 }
 
@@ -173,12 +174,30 @@ fn gcd(a: i32, b: i32) -> i32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// Which layout family: the wide one (2 states per lane, twice the lanes per channel) wins when
+/// the deep one (4 per lane) leaves the H200 short of warps, and for fp32 inputs (the deep
+/// layout's fp32 tiles limit blocks per SM); measured on the H200 over the benchmark grid
+/// (benchmarks/results/NOTES.md). Only dstate <= 64 has a choice.
+/// MAMBA_SCAN_CUDA_LAYOUT=deep|wide forces a family (tests, tuning).
+fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
+    match std::env::var("MAMBA_SCAN_CUDA_LAYOUT").as_deref() {
+        Ok("deep") => return false,
+        Ok("wide") => return true,
+        _ => {}
+    }
+    let (_, g) = layout_for_dstate(p.dstate, false);
+    let warps = p.batch as i64 * p.dim as i64 * g as i64 / 32;
+    in_type == 0 || warps < if backward { 600 } else { 1056 }
+}
+
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
     let p = &plan.params;
+    let it = in_type(plan.in_dtype)?;
     Ok(KernelSpec::new(
         backward,
-        in_type(plan.in_dtype)?,
+        it,
         p.dstate,
+        use_wide(p, it, backward),
         p.is_variable_b != 0,
         p.is_variable_c != 0,
         p.has_z != 0,
@@ -200,7 +219,7 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         let ts = spec.sub_tile() as u32;
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
-            (threads / 32) * 2 * np * (ts + 1)
+            (threads / 32) * 2 * np * (if np > 32 { 4 } else { ts } + 1)
                 + if mc > 1 {
                     (threads / 32) * 4 * mc * 2 * np
                 } else {
@@ -220,12 +239,19 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
 }
 
 /// fp32 workspace (elements) the backward needs: per-(batch, channel) sums, then one partial of
-/// variable dB / dC per block of channels.
+/// variable dB / dC per block of channels. Sized for either layout family, so that the caller
+/// does not need to know which one a call picks.
 pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
-    let (_, g) = layout_for_dstate(p.dstate);
-    let tiles = (p.dim / channels_per_block(p, g).max(1)) as i64;
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
     let chan = b * p.dim as i64 * (3 * n + 2);
+    let tiles = [false, true]
+        .into_iter()
+        .map(|wide| {
+            let (_, g) = layout_for_dstate(p.dstate, wide);
+            (p.dim / channels_per_block(p, g).max(1)) as i64
+        })
+        .max()
+        .unwrap_or(1);
     let part = b * tiles * n * l;
     chan + (p.is_variable_b as i64 + p.is_variable_c as i64) * part
 }
@@ -349,29 +375,32 @@ pub fn backward(plan: &Plan, stream: u64) -> Result<()> {
 /// Compile (or fetch from the cache) every specialisation for `arch`; returns (name, registers,
 /// spill bytes) per kernel. Used by `python -m mamba_scan warmup` and the CI compile check.
 pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u32>, u32)>> {
-    let mut out = Vec::new();
-    for spec in KernelSpec::all() {
-        let name = format!(
-            "{} in{} ks{} g{} varB{} varC{} z{} chunk{}",
-            spec.entry(),
-            spec.in_type,
-            spec.ks,
-            spec.g,
-            spec.var_b as u8,
-            spec.var_c as u8,
-            spec.has_z as u8,
-            spec.chunk()
-        );
-        if use_cache {
-            compile_cached(&spec, arch)?;
-            out.push((name, None, 0));
-        } else {
-            let c = compile::compile(&spec, arch)?;
-            let (regs, spill) = c.resources();
-            out.push((name, regs, spill));
-        }
-    }
-    Ok(out)
+    use rayon::prelude::*;
+    // NVRTC programs are independent: compile them on all cores.
+    KernelSpec::all()
+        .into_par_iter()
+        .map(|spec| {
+            let name = format!(
+                "{} in{} ks{} g{} varB{} varC{} z{} chunk{}",
+                spec.entry(),
+                spec.in_type,
+                spec.ks,
+                spec.g,
+                spec.var_b as u8,
+                spec.var_c as u8,
+                spec.has_z as u8,
+                spec.chunk()
+            );
+            if use_cache {
+                compile_cached(&spec, arch)?;
+                Ok((name, None, 0))
+            } else {
+                let c = compile::compile(&spec, arch)?;
+                let (regs, spill) = c.resources();
+                Ok((name, regs, spill))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
