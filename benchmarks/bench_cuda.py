@@ -90,6 +90,38 @@ def inputs(b, d, n, L, dtype, seed=0):
     return u, delta, A, B, C, D, z, bias
 
 
+def overhead(anchor, calls=3000):
+    """Host time per forward call with 8 tensor arguments at a tiny shape (the kernel takes a few
+    microseconds, so back-to-back calls are bound by the host): wall time of `calls` calls
+    without synchronisation, divided by `calls`, median of 5 rounds."""
+    import statistics
+
+    from mamba_scan import selective_scan_fn
+
+    args = inputs(1, 16, 16, 1, torch.bfloat16)
+    rows = [("mamba_scan.selective_scan_fn (no grad)",
+             lambda: selective_scan_fn(*args, True))]  # fmt: skip
+    if anchor is not None:
+        rows.append(("mamba_ssm selective_scan_cuda.fwd (pybind)",
+                     lambda: anchor.fwd(*args, True)))  # fmt: skip
+    out = ["| call (batch 1, dim 16, dstate 16, L 1, bf16) | host us per call |", "| --- | --- |"]
+    for name, fn in rows:
+        with torch.no_grad():
+            for _ in range(200):
+                fn()
+            torch.cuda.synchronize()
+            per = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+                per.append((time.perf_counter() - t) / calls * 1e6)
+        out.append(f"| {name} | {statistics.median(per):.1f} |")
+        print(out[-1], flush=True)
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchor-src")
@@ -156,6 +188,7 @@ def main():
         )
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
+    lines += ["", overhead(anchor)]
     text = "\n".join(lines)
     print("\n" + text)
     out_dir = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))

@@ -23,7 +23,7 @@
 #define kUB 4
 // Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
 // slices are [warp][dB|dC][n][kFl + 1] in shared memory).
-#define kFl (kG * kKS > 32 ? kUB : kTs)
+#define kFl (kG * kKS > 64 ? kUB : kTs)
 #define TSP (kFl + 1)
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
@@ -250,6 +250,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                     pacc[k] = acc;
                 }
                 reduce_scatter<kUB, kG, 1>(pacc, j, mask);
+                __syncwarp(mask);  // the channel's lanes have read this unit's inputs
                 typedef RS<kUB, kG> R;
                 if (R::owner(j)) {
 #pragma unroll
@@ -345,6 +346,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                 }
                 reduce_scatter<kUB, kG, 1>(pdu, j, mask);
                 reduce_scatter<kUB, kG, 1>(pdt, j, mask);
+                __syncwarp(mask);  // the channel's lanes have read dt and u of this unit
                 typedef RS<kUB, kG> R;
                 if (R::owner(j)) {
 #pragma unroll

@@ -172,6 +172,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                 }
             }
             reduce_scatter<kU, kG, 1>(pacc, j, mask);
+            __syncwarp(mask);  // the channel's lanes have read this unit's dt
             typedef RS<kU, kG> R;
             if (R::owner(j)) {
                 // y over dt (all lanes of the channel have read those dt before the shuffles).

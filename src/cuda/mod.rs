@@ -219,7 +219,7 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         let ts = spec.sub_tile() as u32;
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
-            (threads / 32) * 2 * np * (if np > 32 { 4 } else { ts } + 1)
+            (threads / 32) * 2 * np * (if np > 64 { 4 } else { ts } + 1)
                 + if mc > 1 {
                     (threads / 32) * 4 * mc * 2 * np
                 } else {
