@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fwd-only", action="store_true", help="skip the backward timings")
+    ap.add_argument("--overhead-only", action="store_true", help="only the host-overhead table")
     args = ap.parse_args()
     anchor = None
     if args.anchor_src:
@@ -136,6 +137,9 @@ def main():
         except Exception as e:  # report and go on without the anchor
             print(f"anchor build failed: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
     if args.build_only:
+        return
+    if args.overhead_only:
+        print(overhead(anchor))
         return
     from mamba_scan import selective_scan_fn, selective_scan_ref
 

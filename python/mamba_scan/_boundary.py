@@ -16,20 +16,27 @@ def capsule(t: torch.Tensor | None):
     which is the caller's current stream, so no synchronisation is needed."""
     if t is None:
         return None
-    return to_dlpack(t.detach())
+    return to_dlpack(t.detach() if t.requires_grad else t)
 
 
 def stream_of(t: torch.Tensor) -> int:
     """Raw handle of the current CUDA stream of ``t``'s device (0 for CPU tensors)."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return 0
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# torch's own accessor of the current stream's raw handle (what its C++ extensions use): ~10x
+# cheaper than building a torch.cuda.Stream object; the public API is the fallback.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def chunk_size_for(t: torch.Tensor, dstate: int) -> int:
     """Steps per saved state: fixed on the CPU; on CUDA it shrinks as dstate grows (the
     backward keeps a tile's state history in registers)."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         ensure_cuda_libs()
         return _native.cuda_chunk_size(dstate)
     return _native.cpu_chunk_size()

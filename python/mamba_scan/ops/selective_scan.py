@@ -20,23 +20,37 @@ from .._native import DeviceError, DTypeError, ShapeError
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    for name, x, opt in (
-        ("u", u, False),
-        ("delta", delta, False),
-        ("A", A, False),
-        ("B", B, False),
-        ("C", C, False),
-        ("D", D, True),
-        ("z", z, True),
-        ("delta_bias", delta_bias, True),
-        ("initial_state", initial_state, True),
-    ):
-        require_tensor(x, name, opt)
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_bias", delta_bias), ("initial_state", initial_state)):  # fmt: skip
+_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _check_types(args):
+    """The slow path of the argument checks: names the first bad argument."""
+    for name, x in zip(_NAMES, args):
+        require_tensor(x, name, optional=name in ("D", "z", "delta_bias", "initial_state"))
+    for name, x in zip(_NAMES, args):
         if x is not None and x.device.type not in ("cpu", "cuda"):
             raise DeviceError(f"{name}: tensors must be on a CPU or CUDA device; got {x.device}")
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    # Fast path first (per-call host time matters when decoding): every argument a CPU or CUDA
+    # tensor (optional ones may be None) and no scalar; otherwise the detailed checks raise.
+    Tensor = torch.Tensor
+    ok = True
+    for i, x in enumerate(args):
+        if x is None:
+            if i < 5:
+                ok = False
+                break
+        elif type(x) is not Tensor and not isinstance(x, Tensor):
+            ok = False
+            break
+        elif not (x.is_cuda or x.is_cpu) or x.dim() == 0:
+            ok = False
+            break
+    if not ok:
+        _check_types(args)
     if A.is_complex() or B.is_complex() or C.is_complex():
         raise NotImplementedError(
             "mamba_scan: complex A/B/C are not supported yet (real-valued Mamba only)"
@@ -193,6 +207,18 @@ def selective_scan_fn(
         return _numpy_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
         )
+    if not torch.is_grad_enabled() or not any(
+        isinstance(x, torch.Tensor) and x.requires_grad
+        for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    ):
+        # Nothing to differentiate: skip the autograd Function (and its saved tensors).
+        u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
+            u, delta, A, B, C, D, z, delta_bias, initial_state
+        )
+        out, states = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        if return_last_state:
+            return out, states[:, :, -1].clone()
+        return out
     return SelectiveScanFn.apply(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
     )
