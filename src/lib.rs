@@ -307,6 +307,63 @@ fn scan_bwd(
     run_detached(py, move || dispatch_backward(plan, stream))
 }
 
+/// One decoding step, `selective_state_update` (CPU tensors): updates `state` in place and
+/// writes `out`. Tensors are DLPack capsules with the heads axis present (see
+/// cpu::state_update); `state_batch_indices` is a list of ints (negative: padding row).
+#[pyfunction]
+#[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, out, dt_softplus, state_batch_indices=None))]
+#[allow(clippy::too_many_arguments)]
+fn state_update(
+    py: Python<'_>,
+    state: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    dt: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    c: &Bound<'_, PyAny>,
+    d: Option<&Bound<'_, PyAny>>,
+    z: Option<&Bound<'_, PyAny>>,
+    dt_bias: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    dt_softplus: bool,
+    state_batch_indices: Option<Vec<i64>>,
+) -> PyResult<()> {
+    let views = [
+        view(state, "state")?,
+        view(x, "x")?,
+        view(dt, "dt")?,
+        view(a, "A")?,
+        view(b, "B")?,
+        view(c, "C")?,
+        view(out, "out")?,
+    ];
+    let (dv, zv, biasv) = (
+        opt_view(d, "D")?,
+        opt_view(z, "z")?,
+        opt_view(dt_bias, "dt_bias")?,
+    );
+    let args = cpu::state_update::UpdateArgs {
+        state: &views[0],
+        x: &views[1],
+        dt: &views[2],
+        a: &views[3],
+        b: &views[4],
+        c: &views[5],
+        d: dv.as_ref(),
+        z: zv.as_ref(),
+        dt_bias: biasv.as_ref(),
+        out: &views[6],
+        indices: state_batch_indices.as_deref(),
+        dt_softplus,
+    };
+    cpu::state_update::check(&args)?;
+    run_detached(py, move || {
+        // SAFETY: checked above; the shim holds the tensors for the call and gives a fresh `out`.
+        unsafe { cpu::state_update::run(&args) };
+        Ok(())
+    })
+}
+
 /// Steps per saved state on the CPU path.
 #[pyfunction]
 fn cpu_chunk_size() -> i32 {
@@ -409,6 +466,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cpu::install_fork_handler();
     m.add_function(wrap_pyfunction!(scan_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(scan_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(state_update, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;

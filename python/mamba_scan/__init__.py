@@ -15,7 +15,8 @@ from ._native import (
     ShapeError,
 )
 from .ops.selective_scan import SelectiveScanFn, selective_scan_fn
-from .reference import selective_scan_ref
+from .ops.state_update import selective_state_update
+from .reference import selective_scan_ref, selective_state_update_ref
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,6 @@ __all__ = [
     "_native",
     "selective_scan_fn",
     "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
 ]

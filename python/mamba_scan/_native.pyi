@@ -52,6 +52,20 @@ def scan_bwd(
     chunk_size: int,
     stream: int = 0,
 ) -> None: ...
+def state_update(
+    state: Any,
+    x: Any,
+    dt: Any,
+    a: Any,
+    b: Any,
+    c: Any,
+    d: Any | None,
+    z: Any | None,
+    dt_bias: Any | None,
+    out: Any,
+    dt_softplus: bool,
+    state_batch_indices: list[int] | None = None,
+) -> None: ...
 def cpu_chunk_size() -> int: ...
 def cpu_isa() -> str: ...
 def cpu_threads() -> int: ...

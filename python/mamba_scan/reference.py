@@ -110,3 +110,65 @@ def selective_scan_slow_path(
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype_in)
+
+
+def _heads(state, x, dt, A, B, C, D, z, dt_bias):
+    """mamba_ssm's normalisation: add the heads axis where the caller has none."""
+    has_heads = state.dim() > 3
+    state = state if state.dim() > 3 else state.unsqueeze(1)
+    x = x if x.dim() > 2 else x.unsqueeze(1)
+    dt = dt if dt.dim() > 2 else dt.unsqueeze(1)
+    A = A if A.dim() > 2 else A.unsqueeze(0)
+    B = B if B.dim() > 2 else B.unsqueeze(1)
+    C = C if C.dim() > 2 else C.unsqueeze(1)
+    D = D.unsqueeze(0) if D is not None and D.dim() == 1 else D
+    z = z.unsqueeze(1) if z is not None and z.dim() == 2 else z
+    dt_bias = dt_bias.unsqueeze(0) if dt_bias is not None and dt_bias.dim() == 1 else dt_bias
+    return has_heads, state, x, dt, A, B, C, D, z, dt_bias
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False, state_batch_indices=None):  # fmt: skip
+    """One decoding step of the scan with mamba_ssm 2.3.2's ``selective_state_update``
+    semantics; updates ``state`` in place and returns ``out``.
+
+    Shapes: state (batch, dim, dstate) or (batch, nheads, dim, dstate); x, dt, z (batch, dim) or
+    (batch, nheads, dim); A (dim, dstate) or (nheads, dim, dstate); B, C (batch, dstate) or
+    (batch, ngroups, dstate); D, dt_bias (dim,) or (nheads, dim); state_batch_indices (batch,)
+    ints: the state row of each batch entry (a negative entry marks padding: state untouched,
+    out 0). Arithmetic in float32 (float64 when state or x is float64); ``out`` is computed from
+    the updated state before it is rounded to the state's dtype (as the Triton kernel does).
+    """
+    has_heads, st, x, dt, A, B, C, D, z, dt_bias = _heads(state, x, dt, A, B, C, D, z, dt_bias)
+    wt = torch.float64 if torch.float64 in (st.dtype, x.dtype) else torch.float32
+    nheads, ngroups = st.shape[1], B.shape[1]
+    dt = dt.to(wt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(wt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    idx = state_batch_indices
+    if idx is None:
+        rows = st
+    else:
+        valid = idx >= 0
+        sel = idx.clamp(min=0).long()
+        rows = st[sel]
+    dA = torch.exp(dt.unsqueeze(-1) * A.to(wt))
+    Bh = B.to(wt).repeat_interleave(nheads // ngroups, dim=1).unsqueeze(2)
+    Ch = C.to(wt).repeat_interleave(nheads // ngroups, dim=1).unsqueeze(2)
+    h = rows.to(wt) * dA + (dt * x.to(wt)).unsqueeze(-1) * Bh
+    out = (h * Ch).sum(-1)
+    if D is not None:
+        out = out + x.to(wt) * D.to(wt)
+    if z is not None:
+        zf = z.to(wt)
+        out = out * F.silu(zf)
+    if idx is None:
+        st.copy_(h.to(st.dtype))
+    else:
+        keep = valid.nonzero().squeeze(1)
+        st[sel[keep]] = h[keep].to(st.dtype)
+        out = torch.where(valid.view(-1, 1, 1), out, torch.zeros_like(out))
+    out = out.to(x.dtype)
+    return out if has_heads else out.squeeze(1)

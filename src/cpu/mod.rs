@@ -9,6 +9,7 @@
 
 pub mod scan_bwd;
 pub mod scan_fwd;
+pub mod state_update;
 #[cfg(test)]
 mod tests;
 

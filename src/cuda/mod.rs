@@ -228,10 +228,7 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        (
-            (3 + z) * rows * tp + nvar * t * np + part,
-            3 + z,
-        )
+        ((3 + z) * rows * tp + nvar * t * np + part, 3 + z)
     } else {
         ((3 + z) * rows * tp + nvar * t * np, 2 + z)
     };

@@ -1,0 +1,58 @@
+"""selective_state_update: mamba_ssm's decoding step on mamba-scan (CPU kernel in Rust)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .._boundary import capsule, require_tensor
+from .._native import DeviceError, DTypeError, ShapeError
+from ..reference import _heads, selective_state_update_ref
+
+_NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                           dt_softplus=False, state_batch_indices=None):  # fmt: skip
+    """One decoding step: ``state`` is updated in place, ``out`` returned; the signature and
+    semantics of ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``
+    (see ``selective_state_update_ref``). Inference only (no autograd).
+
+    CPU tensors run the Rust kernel. CUDA tensors run the PyTorch composition of
+    ``selective_state_update_ref`` for now (a fused CUDA kernel is planned)."""
+    args = (state, x, dt, A, B, C, D, z, dt_bias)
+    for name, t in zip(_NAMES, args):
+        require_tensor(t, name, optional=name in ("D", "z", "dt_bias"))
+    if state_batch_indices is not None and not isinstance(state_batch_indices, torch.Tensor):
+        raise DTypeError(
+            "state_batch_indices: expected an integer torch.Tensor of shape (batch,) or None; "
+            f"got {type(state_batch_indices).__name__}"
+        )
+    if state_batch_indices is not None and (
+        state_batch_indices.is_floating_point() or state_batch_indices.dim() != 1
+    ):
+        raise DTypeError("state_batch_indices: expected a 1-D integer tensor")
+    if state.dim() not in (3, 4):
+        raise ShapeError(
+            "state: must have shape (batch, dim, dstate) or (batch, nheads, dim, dstate); "
+            f"got {tuple(state.shape)}"
+        )
+    devices = {t.device for t in args if t is not None}
+    if len(devices) > 1:
+        raise DeviceError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+    if state.is_cuda:
+        with torch.no_grad():
+            return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias,
+                                              dt_softplus, state_batch_indices)  # fmt: skip
+    has_heads, st, x4, dt4, A4, B4, C4, D4, z4, bias4 = _heads(state, x, dt, A, B, C, D, z, dt_bias)
+    if x4.dim() != 3:
+        raise ShapeError(
+            f"x: must have shape (batch, dim) or (batch, nheads, dim); got {tuple(x.shape)}"
+        )
+    out = torch.empty(x4.shape, dtype=x4.dtype, device=x4.device)
+    idx = None if state_batch_indices is None else state_batch_indices.tolist()
+    _native.state_update(
+        capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),
+        capsule(D4), capsule(z4), capsule(bias4), capsule(out), bool(dt_softplus), idx,
+    )  # fmt: skip
+    return out if has_heads else out.squeeze(1)
