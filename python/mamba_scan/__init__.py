@@ -14,9 +14,15 @@ from ._native import (
     LibraryError,
     ShapeError,
 )
+from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.selective_scan import SelectiveScanFn, selective_scan_fn
 from .ops.state_update import selective_state_update
-from .reference import selective_scan_ref, selective_state_update_ref
+from .reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +36,10 @@ __all__ = [
     "SelectiveScanFn",
     "ShapeError",
     "_native",
+    "causal_conv1d_fn",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

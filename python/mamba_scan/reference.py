@@ -172,3 +172,100 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         out = torch.where(valid.view(-1, 1, 1), out, torch.zeros_like(out))
     out = out.to(x.dtype)
     return out if has_heads else out.squeeze(1)
+
+
+def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None,
+                      return_final_states=False, final_states_out=None, activation=None):  # fmt: skip
+    """Depthwise causal convolution with causal-conv1d 1.7's ``causal_conv1d_fn`` semantics.
+
+    x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) ints
+    (a tap reads x[t - k] only when seq_idx[t - k] == seq_idx[t]: packed sequences do not
+    see each other); initial_states: (batch, dim, width - 1), the inputs before step 0;
+    final_states_out: (batch, dim, width - 1), written with the last width - 1 inputs;
+    activation: None, "silu" or "swish". Arithmetic in weight's dtype; out in x's dtype.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    dtype_in = x.dtype
+    xw = x.to(weight.dtype)
+    seqlen = x.shape[-1]
+    dim, width = weight.shape
+    if initial_states is not None:
+        xp = torch.cat([initial_states.to(weight.dtype), xw], dim=-1)
+    else:
+        xp = F.pad(xw, (width - 1, 0))
+    if seq_idx is None:
+        out = F.conv1d(xp, weight.unsqueeze(1), bias, padding=0, groups=dim)
+    else:
+        out = (
+            torch.zeros_like(xw)
+            if bias is None
+            else bias.view(1, -1, 1).to(xw.dtype).expand_as(xw).clone()
+        )
+        sp = F.pad(seq_idx, (width - 1, 0), value=-(2**31))
+        for k in range(width):  # tap k reads x[t - (width - 1 - k)]
+            same = (sp[:, k : k + seqlen] == seq_idx).unsqueeze(1)
+            out = out + torch.where(same, xp[..., k : k + seqlen], 0) * weight[:, k].view(1, -1, 1)
+    out = out[..., :seqlen]
+    if return_final_states:
+        final = xp[..., -(width - 1) :].to(dtype_in) if width > 1 else xp[..., :0].to(dtype_in)
+        if final_states_out is not None:
+            final_states_out.copy_(final)
+        else:
+            final_states_out = final
+    out = (out if activation is None else F.silu(out)).to(dtype_in)
+    return (out, final_states_out) if return_final_states else out
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
+                             cache_seqlens=None, conv_state_indices=None):  # fmt: skip
+    """causal-conv1d 1.7's ``causal_conv1d_update``: x (batch, dim) or (batch, dim, seqlen) new
+    inputs; conv_state (state_batch, dim, state_len >= width - 1) updated in place (the last
+    state_len inputs; with ``cache_seqlens`` (batch,) a circular buffer written from
+    cache_seqlens % state_len); ``conv_state_indices`` (batch,) picks the state rows (negative:
+    padding, state untouched and out 0)."""
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    dtype_in = x.dtype
+    unsqueeze = x.dim() == 2
+    if unsqueeze:
+        x = x.unsqueeze(-1)
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    state_len = conv_state.shape[-1]
+    idx = conv_state_indices
+    if idx is None:
+        rows, valid = conv_state, None
+    else:
+        valid = idx >= 0
+        sel = idx.clamp(min=0).long()
+        rows = conv_state[sel]
+    if cache_seqlens is None:
+        x_new = torch.cat([rows.to(weight.dtype), x.to(weight.dtype)], dim=-1)
+        new_rows = x_new[:, :, -state_len:].to(conv_state.dtype)
+    else:
+        cs = cache_seqlens.long().unsqueeze(1)
+        wi = torch.remainder(
+            torch.arange(-(width - 1), 0, device=x.device).unsqueeze(0) + cs, state_len
+        )
+        x_new = torch.cat(
+            [
+                rows.gather(2, wi.unsqueeze(1).expand(-1, dim, -1)).to(weight.dtype),
+                x.to(weight.dtype),
+            ],
+            dim=-1,
+        )
+        ci = torch.remainder(torch.arange(seqlen, device=x.device).unsqueeze(0) + cs, state_len)
+        new_rows = rows.clone().scatter_(
+            2, ci.unsqueeze(1).expand(-1, dim, -1), x.to(conv_state.dtype)
+        )
+    out = F.conv1d(x_new, weight.unsqueeze(1), bias, padding=0, groups=dim)[:, :, -seqlen:]
+    out = out if activation is None else F.silu(out)
+    if idx is None:
+        conv_state.copy_(new_rows)
+    else:
+        keep = valid.nonzero().squeeze(1)
+        conv_state[sel[keep]] = new_rows[keep]
+        out = torch.where(valid.view(-1, 1, 1), out, torch.zeros_like(out))
+    out = out.to(dtype_in)
+    return out.squeeze(-1) if unsqueeze else out
