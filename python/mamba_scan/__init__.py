@@ -14,7 +14,9 @@ from ._native import (
     LibraryError,
     ShapeError,
 )
+from .modules import Mamba
 from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.mamba_inner import mamba_inner_fn
 from .ops.selective_scan import SelectiveScanFn, selective_scan_fn
 from .ops.state_update import selective_state_update
 from .reference import (
@@ -33,6 +35,7 @@ __all__ = [
     "DeviceError",
     "LayoutError",
     "LibraryError",
+    "Mamba",
     "SelectiveScanFn",
     "ShapeError",
     "_native",
@@ -40,6 +43,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "mamba_inner_fn",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",
