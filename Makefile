@@ -12,7 +12,7 @@ STAMP := $(VENV)/.deps-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch numpy pytest "maturin>=1.5,<2" ruff
+	$(PIP) install -q torch numpy pytest "maturin>=1.5,<2" ruff transformers
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -14,6 +14,7 @@ from ._native import (
     LibraryError,
     ShapeError,
 )
+from .integrations import patch, unpatch
 from .modules import Mamba
 from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_inner import mamba_inner_fn
@@ -44,6 +45,8 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "mamba_inner_fn",
+    "patch",
+    "unpatch",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",
