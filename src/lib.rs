@@ -364,6 +364,137 @@ fn state_update(
     })
 }
 
+fn conv_args<'a>(
+    x: &'a TensorView,
+    weight: &'a TensorView,
+    bias: &'a Option<TensorView>,
+    seq_idx: &'a Option<Vec<i64>>,
+    initial: &'a Option<TensorView>,
+    silu: bool,
+) -> cpu::conv1d::ConvArgs<'a> {
+    cpu::conv1d::ConvArgs {
+        x,
+        weight,
+        bias: bias.as_ref(),
+        seq_idx: seq_idx.as_deref(),
+        initial_states: initial.as_ref(),
+        silu,
+    }
+}
+
+/// Causal depthwise convolution forward (CPU): writes `out` and, if given, `final_states`.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, out, final_states, silu))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_fwd(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    seq_idx: Option<Vec<i64>>,
+    initial_states: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    final_states: Option<&Bound<'_, PyAny>>,
+    silu: bool,
+) -> PyResult<()> {
+    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
+    let (bv, hv) = (
+        opt_view(bias, "bias")?,
+        opt_view(initial_states, "initial_states")?,
+    );
+    let (ov, fv) = (
+        view(out, "out")?,
+        opt_view(final_states, "final_states_out")?,
+    );
+    let a = conv_args(&xv, &wv, &bv, &seq_idx, &hv, silu);
+    cpu::conv1d::check(&a)?;
+    // SAFETY: the shim holds the tensors for the call and passes fresh outputs.
+    run_detached(py, move || unsafe {
+        cpu::conv1d::forward(&a, &ov, fv.as_ref())
+    })
+}
+
+/// Causal depthwise convolution backward (CPU).
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, dout, dfinal, dx, dweight, dbias, dinitial, silu))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_bwd(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    seq_idx: Option<Vec<i64>>,
+    initial_states: Option<&Bound<'_, PyAny>>,
+    dout: &Bound<'_, PyAny>,
+    dfinal: Option<&Bound<'_, PyAny>>,
+    dx: &Bound<'_, PyAny>,
+    dweight: &Bound<'_, PyAny>,
+    dbias: Option<&Bound<'_, PyAny>>,
+    dinitial: Option<&Bound<'_, PyAny>>,
+    silu: bool,
+) -> PyResult<()> {
+    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
+    let (bv, hv) = (
+        opt_view(bias, "bias")?,
+        opt_view(initial_states, "initial_states")?,
+    );
+    let (gov, gfv) = (view(dout, "dout")?, opt_view(dfinal, "dfinal_states")?);
+    let (dxv, dwv) = (view(dx, "dx")?, view(dweight, "dweight")?);
+    let (dbv, dhv) = (
+        opt_view(dbias, "dbias")?,
+        opt_view(dinitial, "dinitial_states")?,
+    );
+    let a = conv_args(&xv, &wv, &bv, &seq_idx, &hv, silu);
+    let g = cpu::conv1d::ConvGrads {
+        dout: &gov,
+        dfinal: gfv.as_ref(),
+        dx: &dxv,
+        dweight: &dwv,
+        dbias: dbv.as_ref(),
+        dinitial: dhv.as_ref(),
+    };
+    // SAFETY: as for the forward.
+    run_detached(py, move || unsafe { cpu::conv1d::backward(&a, &g) })
+}
+
+/// Decoding update of the causal convolution (CPU): `conv_state` updated in place.
+#[pyfunction]
+#[pyo3(signature = (x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_update(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    conv_state: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    silu: bool,
+    cache_seqlens: Option<Vec<i64>>,
+    conv_state_indices: Option<Vec<i64>>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (xv, sv, wv) = (
+        view(x, "x")?,
+        view(conv_state, "conv_state")?,
+        view(weight, "weight")?,
+    );
+    let (bv, ov) = (opt_view(bias, "bias")?, view(out, "out")?);
+    run_detached(py, move || {
+        // SAFETY: the shim holds the tensors and passes a fresh `out`.
+        unsafe {
+            cpu::conv1d::update(
+                &xv,
+                &sv,
+                &wv,
+                bv.as_ref(),
+                silu,
+                cache_seqlens.as_deref(),
+                conv_state_indices.as_deref(),
+                &ov,
+            )
+        }
+    })
+}
+
 /// Steps per saved state on the CPU path.
 #[pyfunction]
 fn cpu_chunk_size() -> i32 {
@@ -467,6 +598,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(scan_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(state_update, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_update, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;

@@ -7,6 +7,7 @@
 //! polynomial so that it vectorises too. Each kernel is compiled three times (AVX-512, AVX2+FMA,
 //! baseline x86-64) and the widest one the CPU supports is picked at run time.
 
+pub mod conv1d;
 pub mod scan_bwd;
 pub mod scan_fwd;
 pub mod state_update;

@@ -1,15 +1,58 @@
 """causal_conv1d_fn / causal_conv1d_update with causal-conv1d 1.7's signatures and semantics.
 
-For now both run the PyTorch compositions of ``mamba_scan.reference`` (grouped conv1d, autograd
-through torch) on CPU and CUDA; fused Rust / CUDA kernels are planned (conv1d + silu fused into
-the scan's input load)."""
+CPU tensors run the Rust kernels (forward, backward, update). CUDA tensors run the PyTorch
+compositions of ``mamba_scan.reference`` for now (grouped conv1d, autograd through torch); a
+CUDA kernel, and conv1d + silu fused into the scan's input load, are planned."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import _native
+from .._boundary import capsule
 from .._native import DTypeError, ShapeError
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
+
+
+def _ints(t):
+    return None if t is None else t.reshape(-1).tolist()
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    """The Rust CPU kernels under autograd (x, weight, bias, initial_states differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, return_final, final_out, silu):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        fin = None
+        if return_final:
+            fin = (
+                final_out
+                if final_out is not None
+                else torch.empty(x.shape[0], x.shape[1], weight.shape[1] - 1, dtype=x.dtype)
+            )
+        seq = _ints(seq_idx)
+        _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), seq,
+                           capsule(initial_states), capsule(out), capsule(fin), silu)  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, initial_states)
+        ctx.seq, ctx.silu, ctx.return_final = seq, silu, return_final
+        if return_final:
+            ctx.mark_non_differentiable(fin) if final_out is not None else None
+            return out, fin
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        x, weight, bias, h0 = ctx.saved_tensors
+        dfin = rest[0] if ctx.return_final and rest else None
+        dx = torch.empty(x.shape, dtype=x.dtype)
+        dw = torch.empty(weight.shape, dtype=weight.dtype)
+        db = torch.empty(bias.shape, dtype=bias.dtype) if bias is not None else None
+        dh = torch.empty(h0.shape, dtype=h0.dtype) if h0 is not None else None
+        _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), ctx.seq, capsule(h0),
+                           capsule(dout.contiguous()), capsule(dfin), capsule(dx), capsule(dw),
+                           capsule(db), capsule(dh), ctx.silu)  # fmt: skip
+        return dx, dw, db, None, dh, None, None, None
 
 
 def _check(x, weight, name="x"):
@@ -32,6 +75,12 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     _check(x, weight)
     if seq_idx is not None and (initial_states is not None or return_final_states):
         raise ValueError("seq_idx: cannot be combined with initial_states or return_final_states")
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    if x.is_cpu and weight.is_cpu:
+        return CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states,
+                                    bool(return_final_states), final_states_out,
+                                    activation is not None)  # fmt: skip
     return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states,
                              final_states_out, activation)  # fmt: skip
 
@@ -54,6 +103,15 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
             f"conv_state: must have shape (batch, dim, state_len >= width - 1) = (batch, {x.shape[1]}, "
             f">= {weight.shape[1] - 1}); got {tuple(conv_state.shape)}"
         )
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    if x.is_cpu and conv_state.is_cpu and weight.is_cpu:
+        x3 = x if x.dim() == 3 else x.unsqueeze(-1)
+        out = torch.empty(x3.shape, dtype=x.dtype)
+        _native.conv1d_update(capsule(x3), capsule(conv_state), capsule(weight), capsule(bias),
+                              activation is not None, _ints(cache_seqlens),
+                              _ints(conv_state_indices), capsule(out))  # fmt: skip
+        return out if x.dim() == 3 else out.squeeze(-1)
     with torch.no_grad():
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens,
                                         conv_state_indices)  # fmt: skip

@@ -1,0 +1,561 @@
+//! Depthwise causal convolution on the CPU (causal-conv1d 1.7 semantics), forward, backward and
+//! the decoding update. For channel c and step t, with xp = [initial_states, x] (W - 1 + L
+//! inputs) and taps k = 0..W:
+//!   pre[t] = bias + sum_k w[k] xp[t + k],  out = pre or silu(pre).
+//! With `seq_idx`, tap k reads x[t - (W - 1 - k)] only when that step has the same sequence
+//! index as t (packed sequences stay apart). Arithmetic in f32 (f64 for f64 tensors); any
+//! strides. Work is split over channels and each channel loops over the batch, so the weight and
+//! bias gradients are summed in a fixed order: deterministic, no atomics.
+
+use super::{Real, addr};
+use crate::dlpack::{DType, Device, TensorView};
+use crate::error::{Result, device_err, dtype_err, shape_err};
+
+pub struct ConvArgs<'a> {
+    pub x: &'a TensorView,
+    pub weight: &'a TensorView,
+    pub bias: Option<&'a TensorView>,
+    /// (batch * seqlen) sequence indices, row-major.
+    pub seq_idx: Option<&'a [i64]>,
+    pub initial_states: Option<&'a TensorView>,
+    pub silu: bool,
+}
+
+fn on_cpu(t: &TensorView, arg: &str) -> Result<()> {
+    if t.device != Device::Cpu {
+        return Err(device_err(
+            arg,
+            format!("the native convolution takes CPU tensors; got {}", t.device),
+        ));
+    }
+    Ok(())
+}
+
+fn expect(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<()> {
+    on_cpu(t, arg)?;
+    if t.shape != want {
+        return Err(shape_err(
+            arg,
+            format!("must have shape {what} = {want:?}; got {}", t.shape_str()),
+        ));
+    }
+    Ok(())
+}
+
+/// (batch, dim, seqlen, width) after checking the inputs.
+pub fn check(a: &ConvArgs) -> Result<(i64, i64, i64, i64)> {
+    on_cpu(a.x, "x")?;
+    if a.x.ndim() != 3 {
+        return Err(shape_err(
+            "x",
+            format!(
+                "must have shape (batch, dim, seqlen); got {}",
+                a.x.shape_str()
+            ),
+        ));
+    }
+    let (b, d, l) = (a.x.shape[0], a.x.shape[1], a.x.shape[2]);
+    if a.weight.ndim() != 2 || a.weight.shape[0] != d || a.weight.shape[1] < 1 {
+        return Err(shape_err(
+            "weight",
+            format!(
+                "must have shape (dim, width) = ({d}, width); got {}",
+                a.weight.shape_str()
+            ),
+        ));
+    }
+    on_cpu(a.weight, "weight")?;
+    let w = a.weight.shape[1];
+    if let Some(bias) = a.bias {
+        expect(bias, "bias", &[d], "(dim,)")?;
+    }
+    if let Some(h0) = a.initial_states {
+        expect(
+            h0,
+            "initial_states",
+            &[b, d, w - 1],
+            "(batch, dim, width - 1)",
+        )?;
+    }
+    if let Some(s) = a.seq_idx {
+        if s.len() as i64 != b * l {
+            return Err(shape_err(
+                "seq_idx",
+                format!(
+                    "must have shape (batch, seqlen) = ({b}, {l}); got {} entries",
+                    s.len()
+                ),
+            ));
+        }
+    }
+    Ok((b, d, l, w))
+}
+
+fn same_dtype(t: &TensorView, like: &TensorView, arg: &str) -> Result<()> {
+    if t.dtype != like.dtype {
+        return Err(dtype_err(
+            arg,
+            format!(
+                "must have dtype {}; got {}",
+                like.dtype.name(),
+                t.dtype.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+unsafe fn ld<R: Real>(t: &TensorView, off: i64) -> R {
+    let mut v = [R::ZERO];
+    // SAFETY: the caller passes an in-bounds element offset of a checked CPU tensor.
+    unsafe { R::load(t.dtype, addr(t.ptr, off, t.dtype), &mut v) };
+    v[0]
+}
+
+#[inline(always)]
+unsafe fn st<R: Real>(t: &TensorView, off: i64, v: R) {
+    // SAFETY: as for `ld`, on a writable tensor.
+    unsafe { R::store(t.dtype, addr(t.ptr, off, t.dtype), &[v]) };
+}
+
+fn wide(a: &ConvArgs) -> bool {
+    a.x.dtype == DType::F64 || a.weight.dtype == DType::F64
+}
+
+/// One channel's padded input row xp (W - 1 + L values) of batch entry `bi`.
+unsafe fn padded<R: Real>(a: &ConvArgs, bi: i64, c: i64, l: i64, w: i64, xp: &mut Vec<R>) {
+    xp.clear();
+    for k in 0..w - 1 {
+        xp.push(match a.initial_states {
+            // SAFETY: in bounds by `check`.
+            Some(h0) => unsafe { ld(h0, bi * h0.stride(0) + c * h0.stride(1) + k * h0.stride(2)) },
+            None => R::ZERO,
+        });
+    }
+    for t in 0..l {
+        // SAFETY: in bounds by `check`.
+        xp.push(unsafe {
+            ld(
+                a.x,
+                bi * a.x.stride(0) + c * a.x.stride(1) + t * a.x.stride(2),
+            )
+        });
+    }
+}
+
+#[inline(always)]
+fn tap_ok(a: &ConvArgs, bi: i64, l: i64, t: i64, src: i64) -> bool {
+    match a.seq_idx {
+        None => true,
+        Some(s) => src >= 0 && s[(bi * l + src) as usize] == s[(bi * l + t) as usize],
+    }
+}
+
+/// Forward: writes `out` (batch, dim, seqlen) and, if given, `final_states` (batch, dim, W - 1).
+///
+/// # Safety
+/// The tensors must be alive, `out` / `final_states` fresh (not aliasing inputs).
+pub unsafe fn forward(
+    a: &ConvArgs,
+    out: &TensorView,
+    final_states: Option<&TensorView>,
+) -> Result<()> {
+    let (b, d, l, w) = check(a)?;
+    expect(out, "out", &[b, d, l], "(batch, dim, seqlen)")?;
+    same_dtype(out, a.x, "out")?;
+    out.require_writable("out")?;
+    if let Some(f) = final_states {
+        expect(
+            f,
+            "final_states_out",
+            &[b, d, w - 1],
+            "(batch, dim, width - 1)",
+        )?;
+        f.require_writable("final_states_out")?;
+    }
+    if wide(a) {
+        // SAFETY: forwarded.
+        unsafe { fwd_t::<f64>(a, out, final_states, (b, d, l, w)) };
+    } else {
+        // SAFETY: forwarded.
+        unsafe { fwd_t::<f32>(a, out, final_states, (b, d, l, w)) };
+    }
+    Ok(())
+}
+
+unsafe fn fwd_t<R: Real + Send + Sync>(
+    a: &ConvArgs,
+    out: &TensorView,
+    fin: Option<&TensorView>,
+    (b, d, l, w): (i64, i64, i64, i64),
+) {
+    super::par_for(d as usize, Vec::<R>::new, |ci, xp| {
+        let c = ci as i64;
+        // SAFETY (this closure): offsets from checked shapes and the tensors' strides; each
+        // task writes only channel c.
+        unsafe {
+            let wk: Vec<R> = (0..w)
+                .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
+                .collect();
+            let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+            for bi in 0..b {
+                padded(a, bi, c, l, w, xp);
+                for t in 0..l {
+                    let mut acc = bias;
+                    for k in 0..w {
+                        if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                            acc = acc + wk[k as usize] * xp[(t + k) as usize];
+                        }
+                    }
+                    if a.silu {
+                        acc = acc * super::sigmoid(acc);
+                    }
+                    st(
+                        out,
+                        bi * out.stride(0) + c * out.stride(1) + t * out.stride(2),
+                        acc,
+                    );
+                }
+                if let Some(f) = fin {
+                    let n = xp.len() as i64;
+                    for k in 0..w - 1 {
+                        let v = xp[(n - (w - 1) + k) as usize];
+                        st(f, bi * f.stride(0) + c * f.stride(1) + k * f.stride(2), v);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Gradient outputs of the backward (fresh tensors; dbias / dinitial only when needed).
+pub struct ConvGrads<'a> {
+    pub dout: &'a TensorView,
+    pub dfinal: Option<&'a TensorView>,
+    pub dx: &'a TensorView,
+    pub dweight: &'a TensorView,
+    pub dbias: Option<&'a TensorView>,
+    pub dinitial: Option<&'a TensorView>,
+}
+
+/// Backward: dx, dweight, dbias, dinitial_states from dout (and the gradient of final_states).
+///
+/// # Safety
+/// As for `forward`; the gradient outputs must be fresh.
+pub unsafe fn backward(a: &ConvArgs, g: &ConvGrads) -> Result<()> {
+    let (b, d, l, w) = check(a)?;
+    expect(g.dout, "dout", &[b, d, l], "(batch, dim, seqlen)")?;
+    expect(g.dx, "dx", &[b, d, l], "(batch, dim, seqlen)")?;
+    expect(g.dweight, "dweight", &[d, w], "(dim, width)")?;
+    if let Some(t) = g.dbias {
+        expect(t, "dbias", &[d], "(dim,)")?;
+    }
+    for (t, n) in [(g.dfinal, "dfinal_states"), (g.dinitial, "dinitial_states")] {
+        if let Some(t) = t {
+            expect(t, n, &[b, d, w - 1], "(batch, dim, width - 1)")?;
+        }
+    }
+    if wide(a) {
+        // SAFETY: forwarded.
+        unsafe { bwd_t::<f64>(a, g, (b, d, l, w)) };
+    } else {
+        // SAFETY: forwarded.
+        unsafe { bwd_t::<f32>(a, g, (b, d, l, w)) };
+    }
+    Ok(())
+}
+
+unsafe fn bwd_t<R: Real + Send + Sync>(
+    a: &ConvArgs,
+    g: &ConvGrads,
+    (b, d, l, w): (i64, i64, i64, i64),
+) {
+    super::par_for(
+        d as usize,
+        || (Vec::<R>::new(), Vec::<R>::new(), Vec::<R>::new()),
+        |ci, (xp, gp, dxp)| {
+            let c = ci as i64;
+            // SAFETY (this closure): as in the forward; this task writes channel c only.
+            unsafe {
+                let wk: Vec<R> = (0..w)
+                    .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
+                    .collect();
+                let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+                let mut dw = vec![R::ZERO; w as usize];
+                let mut db = R::ZERO;
+                for bi in 0..b {
+                    padded(a, bi, c, l, w, xp);
+                    // g = dout * act'(pre), recomputing pre.
+                    gp.clear();
+                    for t in 0..l {
+                        let go: R = ld(
+                            g.dout,
+                            bi * g.dout.stride(0) + c * g.dout.stride(1) + t * g.dout.stride(2),
+                        );
+                        let gv = if a.silu {
+                            let mut pre = bias;
+                            for k in 0..w {
+                                if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                                    pre = pre + wk[k as usize] * xp[(t + k) as usize];
+                                }
+                            }
+                            let s = super::sigmoid(pre);
+                            go * s * (R::ONE + pre * (R::ONE - s))
+                        } else {
+                            go
+                        };
+                        gp.push(gv);
+                    }
+                    dxp.clear();
+                    dxp.resize(xp.len(), R::ZERO);
+                    if let Some(f) = g.dfinal {
+                        let n = xp.len() as i64;
+                        for k in 0..w - 1 {
+                            let i = (n - (w - 1) + k) as usize;
+                            dxp[i] = dxp[i]
+                                + ld(f, bi * f.stride(0) + c * f.stride(1) + k * f.stride(2));
+                        }
+                    }
+                    for t in 0..l {
+                        let gv = gp[t as usize];
+                        db = db + gv;
+                        for k in 0..w {
+                            if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                                let j = (t + k) as usize;
+                                dw[k as usize] = dw[k as usize] + gv * xp[j];
+                                dxp[j] = dxp[j] + gv * wk[k as usize];
+                            }
+                        }
+                    }
+                    for t in 0..l {
+                        let off = bi * g.dx.stride(0) + c * g.dx.stride(1) + t * g.dx.stride(2);
+                        st(g.dx, off, dxp[(t + w - 1) as usize]);
+                    }
+                    if let Some(h) = g.dinitial {
+                        for k in 0..w - 1 {
+                            st(
+                                h,
+                                bi * h.stride(0) + c * h.stride(1) + k * h.stride(2),
+                                dxp[k as usize],
+                            );
+                        }
+                    }
+                }
+                for k in 0..w {
+                    st(
+                        g.dweight,
+                        c * g.dweight.stride(0) + k * g.dweight.stride(1),
+                        dw[k as usize],
+                    );
+                }
+                if let Some(t) = g.dbias {
+                    st(t, c * t.stride(0), db);
+                }
+            }
+        },
+    );
+}
+
+/// Decoding update: x (batch, dim, seqlen) new inputs, conv_state (S, dim, state_len) updated in
+/// place; `cache_seqlens` makes the state a circular buffer; `indices` pick state rows
+/// (negative: padding, state untouched and out 0).
+///
+/// # Safety
+/// As for `forward`; `conv_state` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn update(
+    x: &TensorView,
+    state: &TensorView,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+    silu: bool,
+    cache_seqlens: Option<&[i64]>,
+    indices: Option<&[i64]>,
+    out: &TensorView,
+) -> Result<()> {
+    for (t, n) in [
+        (x, "x"),
+        (state, "conv_state"),
+        (weight, "weight"),
+        (out, "out"),
+    ] {
+        on_cpu(t, n)?;
+    }
+    if x.ndim() != 3 {
+        return Err(shape_err(
+            "x",
+            format!(
+                "must have shape (batch, dim, seqlen); got {}",
+                x.shape_str()
+            ),
+        ));
+    }
+    let (b, d, l) = (x.shape[0], x.shape[1], x.shape[2]);
+    if weight.ndim() != 2 || weight.shape[0] != d {
+        return Err(shape_err(
+            "weight",
+            format!(
+                "must have shape (dim, width) = ({d}, width); got {}",
+                weight.shape_str()
+            ),
+        ));
+    }
+    let w = weight.shape[1];
+    if state.ndim() != 3 || state.shape[1] != d || state.shape[2] < w - 1 {
+        return Err(shape_err(
+            "conv_state",
+            format!(
+                "must have shape (batch, dim, state_len >= width - 1) = (batch, {d}, >= {}); got {}",
+                w - 1,
+                state.shape_str()
+            ),
+        ));
+    }
+    if let Some(t) = bias {
+        expect(t, "bias", &[d], "(dim,)")?;
+    }
+    expect(out, "out", &[b, d, l], "(batch, dim, seqlen)")?;
+    state.require_writable("conv_state")?;
+    out.require_writable("out")?;
+    for (v, n) in [
+        (cache_seqlens, "cache_seqlens"),
+        (indices, "conv_state_indices"),
+    ] {
+        if let Some(v) = v {
+            if v.len() as i64 != b {
+                return Err(shape_err(
+                    n,
+                    format!("must have shape (batch,) = ({b},); got ({},)", v.len()),
+                ));
+            }
+        }
+    }
+    match indices {
+        Some(ix) => {
+            if let Some(bad) = ix.iter().find(|&&i| i >= state.shape[0]) {
+                return Err(shape_err(
+                    "conv_state_indices",
+                    format!(
+                        "entry {bad} is out of range for a conv_state of batch {}",
+                        state.shape[0]
+                    ),
+                ));
+            }
+            let mut used: Vec<i64> = ix.iter().copied().filter(|&i| i >= 0).collect();
+            used.sort_unstable();
+            if let Some(p) = used.windows(2).find(|p| p[0] == p[1]) {
+                return Err(shape_err(
+                    "conv_state_indices",
+                    format!(
+                        "entry {} appears twice: two rows would update one state",
+                        p[0]
+                    ),
+                ));
+            }
+        }
+        None if state.shape[0] != b => {
+            return Err(shape_err(
+                "conv_state",
+                format!(
+                    "batch {} must equal x's batch {b} (or pass conv_state_indices)",
+                    state.shape[0]
+                ),
+            ));
+        }
+        None => {}
+    }
+    let wide = x.dtype == DType::F64 || weight.dtype == DType::F64;
+    let args = (x, state, weight, bias, silu, cache_seqlens, indices, out);
+    if wide {
+        // SAFETY: checked above.
+        unsafe { upd_t::<f64>(args, (b, d, l, w)) };
+    } else {
+        // SAFETY: checked above.
+        unsafe { upd_t::<f32>(args, (b, d, l, w)) };
+    }
+    Ok(())
+}
+
+type UpdArgs<'a> = (
+    &'a TensorView,
+    &'a TensorView,
+    &'a TensorView,
+    Option<&'a TensorView>,
+    bool,
+    Option<&'a [i64]>,
+    Option<&'a [i64]>,
+    &'a TensorView,
+);
+
+unsafe fn upd_t<R: Real + Send + Sync>(a: UpdArgs, (b, d, l, w): (i64, i64, i64, i64)) {
+    let (x, state, weight, bias, silu, seqlens, indices, out) = a;
+    let sl = state.shape[2];
+    super::par_for((b * d) as usize, Vec::<R>::new, |r, win| {
+        let (bi, c) = ((r as i64) / d, (r as i64) % d);
+        // SAFETY (this closure): offsets from checked shapes and strides; rows (bi, c) are
+        // disjoint and state rows are distinct (checked), so no element is written twice.
+        unsafe {
+            let si = indices.map_or(bi, |ix| ix[bi as usize]);
+            let o = |t: i64| bi * out.stride(0) + c * out.stride(1) + t * out.stride(2);
+            if si < 0 {
+                for t in 0..l {
+                    st(out, o(t), R::ZERO);
+                }
+                return;
+            }
+            let so = |k: i64| si * state.stride(0) + c * state.stride(1) + k * state.stride(2);
+            let xo = |t: i64| bi * x.stride(0) + c * x.stride(1) + t * x.stride(2);
+            // The window: the W - 1 inputs before the new ones, then the new ones.
+            win.clear();
+            match seqlens {
+                None => {
+                    for k in sl - (w - 1)..sl {
+                        win.push(ld(state, so(k)));
+                    }
+                }
+                Some(cs) => {
+                    let start = cs[bi as usize];
+                    for k in -(w - 1)..0 {
+                        win.push(ld(state, so((start + k).rem_euclid(sl))));
+                    }
+                }
+            }
+            for t in 0..l {
+                win.push(ld(x, xo(t)));
+            }
+            // New state.
+            match seqlens {
+                None => {
+                    // Shift left by l and append x (keeping the last state_len inputs).
+                    let mut all: Vec<R> = (0..sl).map(|k| ld(state, so(k))).collect();
+                    for t in 0..l {
+                        all.push(ld(x, xo(t)));
+                    }
+                    let n = all.len();
+                    for k in 0..sl {
+                        st(state, so(k), all[n - sl as usize + k as usize]);
+                    }
+                }
+                Some(cs) => {
+                    let start = cs[bi as usize];
+                    for t in 0..l {
+                        st(state, so((start + t).rem_euclid(sl)), ld::<R>(x, xo(t)));
+                    }
+                }
+            }
+            let bv: R = bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+            for t in 0..l {
+                let mut acc = bv;
+                for k in 0..w {
+                    let wv: R = ld(weight, c * weight.stride(0) + k * weight.stride(1));
+                    acc = acc + wv * win[(t + k) as usize];
+                }
+                if silu {
+                    acc = acc * super::sigmoid(acc);
+                }
+                st(out, o(t), acc);
+            }
+        }
+    });
+}
