@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._boundary import capsule
+from .._boundary import capsule, new_empty
 from .._native import DTypeError, ShapeError
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -23,21 +23,18 @@ class CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, return_final, final_out, silu):
-        out = torch.empty(x.shape, dtype=x.dtype)
+        out = new_empty(x.shape, x.dtype, x.device)
         fin = None
         if return_final:
-            fin = (
-                final_out
-                if final_out is not None
-                else torch.empty(x.shape[0], x.shape[1], weight.shape[1] - 1, dtype=x.dtype)
-            )
+            fin = new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1), x.dtype, x.device)
         seq = _ints(seq_idx)
         _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), seq,
                            capsule(initial_states), capsule(out), capsule(fin), silu)  # fmt: skip
         ctx.save_for_backward(x, weight, bias, initial_states)
         ctx.seq, ctx.silu, ctx.return_final = seq, silu, return_final
         if return_final:
-            ctx.mark_non_differentiable(fin) if final_out is not None else None
+            if final_out is not None:  # the caller's buffer gets the values too
+                final_out.copy_(fin)
             return out, fin
         return out
 
@@ -45,10 +42,10 @@ class CausalConv1dFn(torch.autograd.Function):
     def backward(ctx, dout, *rest):
         x, weight, bias, h0 = ctx.saved_tensors
         dfin = rest[0] if ctx.return_final and rest else None
-        dx = torch.empty(x.shape, dtype=x.dtype)
-        dw = torch.empty(weight.shape, dtype=weight.dtype)
-        db = torch.empty(bias.shape, dtype=bias.dtype) if bias is not None else None
-        dh = torch.empty(h0.shape, dtype=h0.dtype) if h0 is not None else None
+        dx = new_empty(x.shape, x.dtype, x.device)
+        dw = new_empty(weight.shape, weight.dtype, weight.device)
+        db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
+        dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None else None
         _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), ctx.seq, capsule(h0),
                            capsule(dout.contiguous()), capsule(dfin), capsule(dx), capsule(dw),
                            capsule(db), capsule(dh), ctx.silu)  # fmt: skip
@@ -107,7 +104,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         raise NotImplementedError("activation must be None, silu, or swish")
     if x.is_cpu and conv_state.is_cpu and weight.is_cpu:
         x3 = x if x.dim() == 3 else x.unsqueeze(-1)
-        out = torch.empty(x3.shape, dtype=x.dtype)
+        out = new_empty(x3.shape, x.dtype, x.device)
         _native.conv1d_update(capsule(x3), capsule(conv_state), capsule(weight), capsule(bias),
                               activation is not None, _ints(cache_seqlens),
                               _ints(conv_state_indices), capsule(out))  # fmt: skip

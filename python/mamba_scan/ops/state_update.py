@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._boundary import capsule, require_tensor
+from .._boundary import capsule, new_empty, require_tensor
 from .._native import DeviceError, DTypeError, ShapeError
 from ..reference import _heads, selective_state_update_ref
 
@@ -49,7 +49,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
         raise ShapeError(
             f"x: must have shape (batch, dim) or (batch, nheads, dim); got {tuple(x.shape)}"
         )
-    out = torch.empty(x4.shape, dtype=x4.dtype, device=x4.device)
+    out = new_empty(x4.shape, x4.dtype, x4.device)
     idx = None if state_batch_indices is None else state_batch_indices.tolist()
     _native.state_update(
         capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),
