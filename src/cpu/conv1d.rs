@@ -7,9 +7,10 @@
 //! strides. Work is split over channels and each channel loops over the batch, so the weight and
 //! bias gradients are summed in a fixed order: deterministic, no atomics.
 
-use super::{Real, addr};
-use crate::dlpack::{DType, Device, TensorView};
-use crate::error::{Result, device_err, dtype_err, shape_err};
+use super::Real;
+use super::strided::{check_row_indices, expect, ld, on_cpu, st};
+use crate::dlpack::{DType, TensorView};
+use crate::error::{Result, dtype_err, shape_err};
 
 pub struct ConvArgs<'a> {
     pub x: &'a TensorView,
@@ -19,27 +20,6 @@ pub struct ConvArgs<'a> {
     pub seq_idx: Option<&'a [i64]>,
     pub initial_states: Option<&'a TensorView>,
     pub silu: bool,
-}
-
-fn on_cpu(t: &TensorView, arg: &str) -> Result<()> {
-    if t.device != Device::Cpu {
-        return Err(device_err(
-            arg,
-            format!("the native convolution takes CPU tensors; got {}", t.device),
-        ));
-    }
-    Ok(())
-}
-
-fn expect(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<()> {
-    on_cpu(t, arg)?;
-    if t.shape != want {
-        return Err(shape_err(
-            arg,
-            format!("must have shape {what} = {want:?}; got {}", t.shape_str()),
-        ));
-    }
-    Ok(())
 }
 
 /// (batch, dim, seqlen, width) after checking the inputs.
@@ -103,20 +83,6 @@ fn same_dtype(t: &TensorView, like: &TensorView, arg: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-#[inline(always)]
-unsafe fn ld<R: Real>(t: &TensorView, off: i64) -> R {
-    let mut v = [R::ZERO];
-    // SAFETY: the caller passes an in-bounds element offset of a checked CPU tensor.
-    unsafe { R::load(t.dtype, addr(t.ptr, off, t.dtype), &mut v) };
-    v[0]
-}
-
-#[inline(always)]
-unsafe fn st<R: Real>(t: &TensorView, off: i64, v: R) {
-    // SAFETY: as for `ld`, on a writable tensor.
-    unsafe { R::store(t.dtype, addr(t.ptr, off, t.dtype), &[v]) };
 }
 
 fn wide(a: &ConvArgs) -> bool {
@@ -432,28 +398,7 @@ pub unsafe fn update(
         }
     }
     match indices {
-        Some(ix) => {
-            if let Some(bad) = ix.iter().find(|&&i| i >= state.shape[0]) {
-                return Err(shape_err(
-                    "conv_state_indices",
-                    format!(
-                        "entry {bad} is out of range for a conv_state of batch {}",
-                        state.shape[0]
-                    ),
-                ));
-            }
-            let mut used: Vec<i64> = ix.iter().copied().filter(|&i| i >= 0).collect();
-            used.sort_unstable();
-            if let Some(p) = used.windows(2).find(|p| p[0] == p[1]) {
-                return Err(shape_err(
-                    "conv_state_indices",
-                    format!(
-                        "entry {} appears twice: two rows would update one state",
-                        p[0]
-                    ),
-                ));
-            }
-        }
+        Some(ix) => check_row_indices(ix, state.shape[0], "conv_state_indices", "conv_state")?,
         None if state.shape[0] != b => {
             return Err(shape_err(
                 "conv_state",

@@ -11,6 +11,7 @@ pub mod conv1d;
 pub mod scan_bwd;
 pub mod scan_fwd;
 pub mod state_update;
+pub mod strided;
 #[cfg(test)]
 mod tests;
 

@@ -10,9 +10,10 @@
 //! x / dt / z / out (Bt, H, P), A (H, P, N), B / C (Bt, G, N) with H % G == 0, D / dt_bias (H, P).
 //! Any strides (A and dt may be broadcast views with stride 0).
 
-use super::{Real, addr};
-use crate::dlpack::{DType, Device, TensorView};
-use crate::error::{Result, device_err, dtype_err, shape_err};
+use super::Real;
+use super::strided::{check_row_indices, expect, ld, on_cpu, st};
+use crate::dlpack::{DType, TensorView};
+use crate::error::{Result, dtype_err, shape_err};
 
 pub struct UpdateArgs<'a> {
     pub state: &'a TensorView,
@@ -27,29 +28,6 @@ pub struct UpdateArgs<'a> {
     pub out: &'a TensorView,
     pub indices: Option<&'a [i64]>,
     pub dt_softplus: bool,
-}
-
-fn expect(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<()> {
-    if t.shape != want {
-        return Err(shape_err(
-            arg,
-            format!("must have shape {what} = {want:?}; got {}", t.shape_str()),
-        ));
-    }
-    Ok(())
-}
-
-fn on_cpu(t: &TensorView, arg: &str) -> Result<()> {
-    if t.device != Device::Cpu {
-        return Err(device_err(
-            arg,
-            format!(
-                "the native state update takes CPU tensors; got {}",
-                t.device
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Validate every argument (shapes, devices, writable outputs, indices in range).
@@ -141,26 +119,7 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
                     format!("must have shape (batch,) = ({bt},); got ({},)", ix.len()),
                 ));
             }
-            if let Some(bad) = ix.iter().find(|&&i| i >= s.shape[0]) {
-                return Err(shape_err(
-                    "state_batch_indices",
-                    format!(
-                        "entry {bad} is out of range for a state of batch {}",
-                        s.shape[0]
-                    ),
-                ));
-            }
-            let mut used: Vec<i64> = ix.iter().copied().filter(|&i| i >= 0).collect();
-            used.sort_unstable();
-            if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
-                return Err(shape_err(
-                    "state_batch_indices",
-                    format!(
-                        "entry {} appears twice: two rows would update one state",
-                        w[0]
-                    ),
-                ));
-            }
+            check_row_indices(ix, s.shape[0], "state_batch_indices", "state")?;
         }
         None => {
             if s.shape[0] != bt {
@@ -175,20 +134,6 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[inline(always)]
-unsafe fn ld<R: Real>(t: &TensorView, off: i64) -> R {
-    let mut v = [R::ZERO];
-    // SAFETY: the caller passes an in-bounds element offset of a checked CPU tensor.
-    unsafe { R::load(t.dtype, addr(t.ptr, off, t.dtype), &mut v) };
-    v[0]
-}
-
-#[inline(always)]
-unsafe fn st<R: Real>(t: &TensorView, off: i64, v: R) {
-    // SAFETY: as for `ld`, on a writable tensor.
-    unsafe { R::store(t.dtype, addr(t.ptr, off, t.dtype), &[v]) };
 }
 
 /// Run the update.

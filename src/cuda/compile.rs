@@ -37,9 +37,6 @@ pub struct KernelSpec {
 pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
 pub const LAYOUTS_WIDE: [(u8, u8); 5] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32)];
 
-/// Largest dstate the CUDA kernels take.
-pub const MAX_DSTATE: i32 = 256;
-
 pub fn layout_for_dstate(dstate: i32, wide: bool) -> (u8, u8) {
     let fits = |&(ks, g): &(u8, u8)| dstate <= ks as i32 * g as i32;
     if wide {
