@@ -89,3 +89,77 @@ struct SsmParams {
     long long dc_group_stride;
     long long dc_dstate_stride;
 };
+
+// A strided tensor of the small kernels (decoding step, causal conv1d). ptr 0: absent.
+// dtype: 0 float32, 1 float16, 2 bfloat16, 4 int32, 5 int64. Strides in elements, outermost
+// first, unused trailing entries 0.
+struct TensorRef {
+    unsigned long long ptr;
+    int dtype;
+    int ndim;
+    long long stride[4];
+};
+
+// selective_state_update on CUDA. state (state_rows, nheads, dim, dstate); x, dt, z, out
+// (batch, nheads, dim); A (nheads, dim, dstate); B, C (batch, ngroups, dstate); D, dt_bias
+// (nheads, dim); idx (batch,) rows of the state, negative for padding.
+struct StateUpdateParams {
+    int batch;
+    int nheads;
+    int dim;
+    int dstate;
+    // nheads / ngroups.
+    int heads_per_group;
+    int state_rows;
+    int dt_softplus;
+    // Lanes per (batch, head, channel) row; each lane owns states lane, lane + group, ...
+    int group;
+    TensorRef state;
+    TensorRef x;
+    TensorRef dt;
+    TensorRef a;
+    TensorRef b;
+    TensorRef c;
+    TensorRef d;
+    TensorRef z;
+    TensorRef dt_bias;
+    TensorRef out;
+    TensorRef idx;
+};
+
+// causal_conv1d forward / backward / decoding update on CUDA. x, out, dout, dx (batch, dim,
+// seqlen) with any strides (x's layout picks the thread mapping); weight, dweight (dim, width);
+// bias, dbias (dim,); initial, final_states, dfinal, dinitial (batch, dim, width - 1); seq_idx
+// (batch, seqlen); conv_state (state_rows, dim, state_len); cache_seqlens, state_idx (batch,).
+struct ConvParams {
+    int batch;
+    int dim;
+    int seqlen;
+    int width;
+    int silu;
+    // 1 when x's seqlen stride is 1 (channel-first): threads run along seqlen, else along dim.
+    int l_fast;
+    // Backward: tiles along seqlen per batch entry (one fp32 partial of dweight / dbias each).
+    int n_ltiles;
+    int state_len;
+    int state_rows;
+    int pad;
+    TensorRef x;
+    TensorRef weight;
+    TensorRef bias;
+    TensorRef seq_idx;
+    TensorRef initial;
+    TensorRef out;
+    TensorRef final_states;
+    TensorRef dout;
+    TensorRef dfinal;
+    TensorRef dx;
+    TensorRef dweight;
+    TensorRef dbias;
+    TensorRef dinitial;
+    TensorRef conv_state;
+    TensorRef cache_seqlens;
+    TensorRef state_idx;
+    // fp32 partial sums (batch * n_ltiles, dim, width + 1) of the backward.
+    unsigned long long workspace_ptr;
+};

@@ -182,6 +182,38 @@ const FLAG_READ_ONLY: u64 = 1;
 const NAME_LEGACY: &CStr = c"dltensor";
 const NAME_VERSIONED: &CStr = c"dltensor_versioned";
 
+/// A borrowed integer tensor (sequence and row indices of the small CUDA kernels).
+#[derive(Clone, Debug)]
+pub struct IntView {
+    pub ptr: u64,
+    /// int64 (else int32).
+    pub is64: bool,
+    pub device: Device,
+    pub shape: Vec<i64>,
+    pub strides: Vec<i64>,
+}
+
+impl IntView {
+    pub fn shape_str(&self) -> String {
+        let s: Vec<String> = self.shape.iter().map(|x| x.to_string()).collect();
+        if s.len() == 1 {
+            format!("({},)", s[0])
+        } else {
+            format!("({})", s.join(", "))
+        }
+    }
+}
+
+struct Raw {
+    ptr: u64,
+    code: u8,
+    bits: u8,
+    device: Device,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    readonly: bool,
+}
+
 /// Decode a DLPack capsule (legacy `dltensor` or versioned `dltensor_versioned`).
 ///
 /// # Safety
@@ -190,6 +222,82 @@ pub unsafe fn view_from_capsule(
     capsule: *mut pyo3::ffi::PyObject,
     arg: &str,
 ) -> Result<TensorView, ScanError> {
+    // SAFETY: forwarded.
+    let r = unsafe { raw_from_capsule(capsule, arg) }?;
+    let dtype = match (r.code, r.bits) {
+        (2, 16) => DType::F16,
+        (2, 32) => DType::F32,
+        (2, 64) => DType::F64,
+        (4, 16) => DType::BF16,
+        (5, _) => {
+            return Err(ScanError::NotImplemented(format!(
+                "{arg}: complex tensors are not supported yet (complex A / B / C is planned)"
+            )));
+        }
+        (c, b) => {
+            return Err(dtype_err(
+                arg,
+                format!(
+                    "expected float32, float16, bfloat16 or float64; got {}{b}",
+                    code_name(c)
+                ),
+            ));
+        }
+    };
+    Ok(TensorView {
+        ptr: r.ptr,
+        dtype,
+        device: r.device,
+        shape: r.shape,
+        strides: r.strides,
+        readonly: r.readonly,
+    })
+}
+
+/// Decode a DLPack capsule of an int32 or int64 tensor.
+///
+/// # Safety
+/// As for `view_from_capsule`.
+pub unsafe fn int_view_from_capsule(
+    capsule: *mut pyo3::ffi::PyObject,
+    arg: &str,
+) -> Result<IntView, ScanError> {
+    // SAFETY: forwarded.
+    let r = unsafe { raw_from_capsule(capsule, arg) }?;
+    let is64 = match (r.code, r.bits) {
+        (0, 32) => false,
+        (0, 64) => true,
+        (c, b) => {
+            return Err(dtype_err(
+                arg,
+                format!("expected int32 or int64; got {}{b}", code_name(c)),
+            ));
+        }
+    };
+    Ok(IntView {
+        ptr: r.ptr,
+        is64,
+        device: r.device,
+        shape: r.shape,
+        strides: r.strides,
+    })
+}
+
+fn code_name(c: u8) -> &'static str {
+    match c {
+        0 => "int",
+        1 => "uint",
+        2 => "float",
+        4 => "bfloat",
+        5 => "complex",
+        6 => "bool",
+        _ => "unknown",
+    }
+}
+
+/// # Safety
+/// As for `view_from_capsule`.
+unsafe fn raw_from_capsule(capsule: *mut pyo3::ffi::PyObject, arg: &str) -> Result<Raw, ScanError> {
     use pyo3::ffi;
     // SAFETY: the caller guarantees a live object and the GIL; PyCapsule_IsValid accepts any
     // object and only returns 1 for a capsule with exactly this name and a non-null pointer.
@@ -241,29 +349,6 @@ pub unsafe fn view_from_capsule(
             "vector dtypes (lanes != 1) are not supported",
         ));
     }
-    let dtype = match (t.dtype.code, t.dtype.bits) {
-        (2, 16) => DType::F16,
-        (2, 32) => DType::F32,
-        (2, 64) => DType::F64,
-        (4, 16) => DType::BF16,
-        (5, _) => {
-            return Err(ScanError::NotImplemented(format!(
-                "{arg}: complex tensors are not supported yet (complex A / B / C is planned)"
-            )));
-        }
-        (c, b) => {
-            let name = match c {
-                0 => "int",
-                1 => "uint",
-                6 => "bool",
-                _ => "unknown",
-            };
-            return Err(dtype_err(
-                arg,
-                format!("expected float32, float16, bfloat16 or float64; got {name}{b}"),
-            ));
-        }
-    };
     let device = match t.device.device_type {
         KDL_CPU | KDL_CUDA_HOST => Device::Cpu,
         KDL_CUDA | KDL_CUDA_MANAGED => Device::Cuda(t.device.device_id),
@@ -275,9 +360,10 @@ pub unsafe fn view_from_capsule(
         }
     };
     let ptr = (t.data as u64).wrapping_add(t.byte_offset);
-    Ok(TensorView {
+    Ok(Raw {
         ptr,
-        dtype,
+        code: t.dtype.code,
+        bits: t.dtype.bits,
         device,
         shape,
         strides,

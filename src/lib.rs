@@ -354,9 +354,10 @@ fn state_update(
         dt_bias: biasv.as_ref(),
         out: &views[6],
         indices: state_batch_indices.as_deref(),
+        device_indices: None,
         dt_softplus,
     };
-    cpu::state_update::check(&args)?;
+    cpu::state_update::check(&args, dlpack::Device::Cpu)?;
     run_detached(py, move || {
         // SAFETY: checked above; the shim holds the tensors for the call and gives a fresh `out`.
         unsafe { cpu::state_update::run(&args) };
@@ -407,7 +408,7 @@ fn conv1d_fwd(
         opt_view(final_states, "final_states_out")?,
     );
     let a = conv_args(&xv, &wv, &bv, &seq_idx, &hv, silu);
-    cpu::conv1d::check(&a)?;
+    cpu::conv1d::check(&a, dlpack::Device::Cpu)?;
     // SAFETY: the shim holds the tensors for the call and passes fresh outputs.
     run_detached(py, move || unsafe {
         cpu::conv1d::forward(&a, &ov, fv.as_ref())
@@ -495,6 +496,206 @@ fn conv1d_update(
     })
 }
 
+fn opt_int_view(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<dlpack::IntView>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        // SAFETY: `o` is a live object borrowed under the GIL for the duration of this call.
+        Some(o) => Ok(Some(unsafe {
+            dlpack::int_view_from_capsule(o.as_ptr(), arg)
+        }?)),
+    }
+}
+
+/// One decoding step of the scan on CUDA (`state` updated in place), on `stream`.
+#[pyfunction]
+#[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, out, dt_softplus, state_batch_indices, stream))]
+#[allow(clippy::too_many_arguments)]
+fn state_update_cuda(
+    py: Python<'_>,
+    state: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    dt: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    c: &Bound<'_, PyAny>,
+    d: Option<&Bound<'_, PyAny>>,
+    z: Option<&Bound<'_, PyAny>>,
+    dt_bias: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    dt_softplus: bool,
+    state_batch_indices: Option<&Bound<'_, PyAny>>,
+    stream: u64,
+) -> PyResult<()> {
+    let views = [
+        view(state, "state")?,
+        view(x, "x")?,
+        view(dt, "dt")?,
+        view(a, "A")?,
+        view(b, "B")?,
+        view(c, "C")?,
+        view(out, "out")?,
+    ];
+    let (dv, zv, biasv) = (
+        opt_view(d, "D")?,
+        opt_view(z, "z")?,
+        opt_view(dt_bias, "dt_bias")?,
+    );
+    let iv = opt_int_view(state_batch_indices, "state_batch_indices")?;
+    let args = cpu::state_update::UpdateArgs {
+        state: &views[0],
+        x: &views[1],
+        dt: &views[2],
+        a: &views[3],
+        b: &views[4],
+        c: &views[5],
+        d: dv.as_ref(),
+        z: zv.as_ref(),
+        dt_bias: biasv.as_ref(),
+        out: &views[6],
+        indices: None,
+        device_indices: iv.as_ref(),
+        dt_softplus,
+    };
+    run_detached(py, move || cuda::small::state_update(&args, stream))
+}
+
+/// Causal depthwise convolution forward on CUDA.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, out, final_states, silu, stream))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_fwd_cuda(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    seq_idx: Option<&Bound<'_, PyAny>>,
+    initial_states: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    final_states: Option<&Bound<'_, PyAny>>,
+    silu: bool,
+    stream: u64,
+) -> PyResult<()> {
+    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
+    let (bv, hv) = (
+        opt_view(bias, "bias")?,
+        opt_view(initial_states, "initial_states")?,
+    );
+    let sv = opt_int_view(seq_idx, "seq_idx")?;
+    let (ov, fv) = (
+        view(out, "out")?,
+        opt_view(final_states, "final_states_out")?,
+    );
+    let a = conv_args(&xv, &wv, &bv, &None, &hv, silu);
+    run_detached(py, move || {
+        cuda::small::conv_forward(&a, sv.as_ref(), &ov, fv.as_ref(), stream)
+    })
+}
+
+/// Causal depthwise convolution backward on CUDA (deterministic two-stage weight sums).
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, dout, dfinal, dx, dweight, dbias, dinitial, workspace, silu, stream))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_bwd_cuda(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    seq_idx: Option<&Bound<'_, PyAny>>,
+    initial_states: Option<&Bound<'_, PyAny>>,
+    dout: &Bound<'_, PyAny>,
+    dfinal: Option<&Bound<'_, PyAny>>,
+    dx: &Bound<'_, PyAny>,
+    dweight: &Bound<'_, PyAny>,
+    dbias: Option<&Bound<'_, PyAny>>,
+    dinitial: Option<&Bound<'_, PyAny>>,
+    workspace: &Bound<'_, PyAny>,
+    silu: bool,
+    stream: u64,
+) -> PyResult<()> {
+    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
+    let (bv, hv) = (
+        opt_view(bias, "bias")?,
+        opt_view(initial_states, "initial_states")?,
+    );
+    let sv = opt_int_view(seq_idx, "seq_idx")?;
+    let (gov, gfv) = (view(dout, "dout")?, opt_view(dfinal, "dfinal_states")?);
+    let (dxv, dwv) = (view(dx, "dx")?, view(dweight, "dweight")?);
+    let (dbv, dhv) = (
+        opt_view(dbias, "dbias")?,
+        opt_view(dinitial, "dinitial_states")?,
+    );
+    let wsv = view(workspace, "workspace")?;
+    let a = conv_args(&xv, &wv, &bv, &None, &hv, silu);
+    let g = cpu::conv1d::ConvGrads {
+        dout: &gov,
+        dfinal: gfv.as_ref(),
+        dx: &dxv,
+        dweight: &dwv,
+        dbias: dbv.as_ref(),
+        dinitial: dhv.as_ref(),
+    };
+    run_detached(py, move || {
+        cuda::small::conv_backward(&a, sv.as_ref(), &g, &wsv, stream)
+    })
+}
+
+/// float32 elements of workspace the CUDA conv1d backward needs for this x and width.
+#[pyfunction]
+fn cuda_conv1d_workspace_size(x: &Bound<'_, PyAny>, width: i64) -> PyResult<i64> {
+    let xv = view(x, "x")?;
+    if xv.ndim() != 3 {
+        return Err(ScanError::Shape {
+            arg: "x".into(),
+            msg: format!(
+                "must have shape (batch, dim, seqlen); got {}",
+                xv.shape_str()
+            ),
+        }
+        .into());
+    }
+    Ok(cuda::small::conv_bwd_workspace_elems(&xv, width))
+}
+
+/// Decoding update of the causal convolution on CUDA (`conv_state` updated in place).
+#[pyfunction]
+#[pyo3(signature = (x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out, stream))]
+#[allow(clippy::too_many_arguments)]
+fn conv1d_update_cuda(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    conv_state: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+    silu: bool,
+    cache_seqlens: Option<&Bound<'_, PyAny>>,
+    conv_state_indices: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    stream: u64,
+) -> PyResult<()> {
+    let (xv, sv, wv) = (
+        view(x, "x")?,
+        view(conv_state, "conv_state")?,
+        view(weight, "weight")?,
+    );
+    let (bv, ov) = (opt_view(bias, "bias")?, view(out, "out")?);
+    let cs = opt_int_view(cache_seqlens, "cache_seqlens")?;
+    let ix = opt_int_view(conv_state_indices, "conv_state_indices")?;
+    run_detached(py, move || {
+        cuda::small::conv_update(
+            &xv,
+            &sv,
+            &wv,
+            bv.as_ref(),
+            silu,
+            cs.as_ref(),
+            ix.as_ref(),
+            &ov,
+            stream,
+        )
+    })
+}
+
 /// Steps per saved state on the CPU path.
 #[pyfunction]
 fn cpu_chunk_size() -> i32 {
@@ -577,7 +778,8 @@ fn cuda_cubin<'py>(
     wide: bool,
 ) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
     let spec = cuda::compile::KernelSpec::new(backward, in_type, dstate, wide, var_b, var_c, has_z);
-    let c = py.detach(move || cuda::compile::compile(&spec, &arch))?;
+    let c =
+        py.detach(move || cuda::compile::compile(&cuda::compile::Program::Scan(spec), &arch))?;
     Ok((pyo3::types::PyBytes::new(py, &c.cubin), c.log))
 }
 
@@ -601,6 +803,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(conv1d_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(conv1d_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(conv1d_update, m)?)?;
+    m.add_function(wrap_pyfunction!(state_update_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_fwd_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_bwd_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(conv1d_update_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_conv1d_workspace_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;

@@ -105,20 +105,92 @@ impl SsmParams {
     }
 }
 
+/// A strided tensor of the small CUDA kernels (`TensorRef` in cuda/params.h). `ptr` 0: absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TensorRef {
+    pub ptr: u64,
+    /// 0 float32, 1 float16, 2 bfloat16, 4 int32, 5 int64.
+    pub dtype: i32,
+    pub ndim: i32,
+    /// Strides in elements, outermost first; unused entries 0.
+    pub stride: [i64; 4],
+}
+
+/// selective_state_update on CUDA (`StateUpdateParams` in cuda/params.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StateUpdateParams {
+    pub batch: i32,
+    pub nheads: i32,
+    pub dim: i32,
+    pub dstate: i32,
+    pub heads_per_group: i32,
+    pub state_rows: i32,
+    pub dt_softplus: i32,
+    /// Lanes per (batch, head, channel) row.
+    pub group: i32,
+    pub state: TensorRef,
+    pub x: TensorRef,
+    pub dt: TensorRef,
+    pub a: TensorRef,
+    pub b: TensorRef,
+    pub c: TensorRef,
+    pub d: TensorRef,
+    pub z: TensorRef,
+    pub dt_bias: TensorRef,
+    pub out: TensorRef,
+    pub idx: TensorRef,
+}
+
+/// causal conv1d forward / backward / update on CUDA (`ConvParams` in cuda/params.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConvParams {
+    pub batch: i32,
+    pub dim: i32,
+    pub seqlen: i32,
+    pub width: i32,
+    pub silu: i32,
+    /// 1 when x's seqlen stride is 1 (threads run along seqlen), else 0 (along dim).
+    pub l_fast: i32,
+    pub n_ltiles: i32,
+    pub state_len: i32,
+    pub state_rows: i32,
+    pub pad: i32,
+    pub x: TensorRef,
+    pub weight: TensorRef,
+    pub bias: TensorRef,
+    pub seq_idx: TensorRef,
+    pub initial: TensorRef,
+    pub out: TensorRef,
+    pub final_states: TensorRef,
+    pub dout: TensorRef,
+    pub dfinal: TensorRef,
+    pub dx: TensorRef,
+    pub dweight: TensorRef,
+    pub dbias: TensorRef,
+    pub dinitial: TensorRef,
+    pub conv_state: TensorRef,
+    pub cache_seqlens: TensorRef,
+    pub state_idx: TensorRef,
+    pub workspace_ptr: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    /// Parse `cuda/params.h` and check that each field sits at the offset the C compiler would
-    /// give it (the header is plain C with natural alignment, so offsets follow from the types).
-    #[test]
-    fn layout_matches_header() {
+    /// (field, offset) of `struct name` in cuda/params.h and its size, as a C compiler lays it
+    /// out (plain C, natural alignment: offsets follow from the types; every struct there has
+    /// 8-byte alignment).
+    fn header_layout(name: &str) -> (Vec<(String, usize)>, usize) {
         let header = include_str!("../cuda/params.h");
         let body = header
-            .split("struct SsmParams {")
+            .split(&format!("struct {name} {{"))
             .nth(1)
-            .expect("struct SsmParams in params.h")
+            .unwrap_or_else(|| panic!("struct {name} in params.h"))
             .split("};")
             .next()
             .unwrap();
@@ -131,16 +203,26 @@ mod tests {
             }
             let line = line.trim_end_matches(';');
             let (ty, name) = line.rsplit_once(' ').expect("type name;");
-            let size = match ty.trim() {
-                "int" => 4,
-                "long long" | "unsigned long long" => 8,
+            let (name, count) = match name.split_once('[') {
+                Some((n, c)) => (n, c.trim_end_matches(']').parse::<usize>().unwrap()),
+                None => (name, 1),
+            };
+            let (size, align) = match ty.trim() {
+                "int" => (4, 4),
+                "long long" | "unsigned long long" => (8, 8),
+                "TensorRef" => (header_layout("TensorRef").1, 8),
                 other => panic!("unexpected type {other} in params.h"),
             };
-            offset = offset.div_ceil(size) * size;
+            offset = offset.div_ceil(align) * align;
             fields.push((name.trim().to_string(), offset));
-            offset += size;
+            offset += size * count;
         }
-        let total = offset.div_ceil(8) * 8;
+        (fields, offset.div_ceil(8) * 8)
+    }
+
+    #[test]
+    fn layout_matches_header() {
+        let (fields, total) = header_layout("SsmParams");
         assert_eq!(total, size_of::<SsmParams>(), "sizeof(SsmParams)");
         macro_rules! check {
             ($($f:ident),*) => {{
@@ -225,5 +307,30 @@ mod tests {
             dc_group_stride,
             dc_dstate_stride
         );
+    }
+
+    macro_rules! check_struct {
+        ($ty:ident: $($f:ident),*) => {{
+            let (fields, total) = header_layout(stringify!($ty));
+            assert_eq!(total, size_of::<$ty>(), "sizeof({})", stringify!($ty));
+            let mut n = 0;
+            $(
+                let want = fields.iter().find(|(k, _)| k == stringify!($f))
+                    .unwrap_or_else(|| panic!("{} missing from params.h", stringify!($f))).1;
+                assert_eq!(offset_of!($ty, $f), want, "offset of {}", stringify!($f));
+                n += 1;
+            )*
+            assert_eq!(n, fields.len(), "params.h has fields {} lacks", stringify!($ty));
+        }};
+    }
+
+    #[test]
+    fn small_kernel_layouts_match_header() {
+        check_struct!(TensorRef: ptr, dtype, ndim, stride);
+        check_struct!(StateUpdateParams: batch, nheads, dim, dstate, heads_per_group, state_rows,
+            dt_softplus, group, state, x, dt, a, b, c, d, z, dt_bias, out, idx);
+        check_struct!(ConvParams: batch, dim, seqlen, width, silu, l_fast, n_ltiles, state_len,
+            state_rows, pad, x, weight, bias, seq_idx, initial, out, final_states, dout, dfinal,
+            dx, dweight, dbias, dinitial, conv_state, cache_seqlens, state_idx, workspace_ptr);
     }
 }

@@ -103,16 +103,16 @@ def test_transformers_patched_before_import():
         torch.manual_seed(0)
         model = MambaForCausalLM(cfg).eval()
         ids = torch.randint(0, 64, (2, 12))
-        import mamba_scan.ops.selective_scan as ss
+        import mamba_scan.ops.mamba_inner as mi
         n = [0]
-        f = ss.SelectiveScanFn.apply
+        f = mi.MambaInnerFn.apply
         def count(*a, **k):
             n[0] += 1
             return f(*a, **k)
-        ss.SelectiveScanFn.apply = count
+        mi.MambaInnerFn.apply = count
         model.train()
         model(ids, labels=ids).loss.backward()
-        assert n[0] == 2, n[0]  # one fused scan per layer, through mamba-scan's mamba_inner_fn
+        assert n[0] == 2, n[0]  # one fused mixer per layer: mamba-scan's mamba_inner_fn
         print("ok")
         """
     )

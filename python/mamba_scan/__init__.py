@@ -23,6 +23,7 @@ from .ops.state_update import selective_state_update
 from .reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
+    mamba_inner_ref,
     selective_scan_ref,
     selective_state_update_ref,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "mamba_inner_fn",
+    "mamba_inner_ref",
     "patch",
     "unpatch",
     "selective_scan_fn",

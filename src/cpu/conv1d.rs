@@ -8,8 +8,8 @@
 //! bias gradients are summed in a fixed order: deterministic, no atomics.
 
 use super::Real;
-use super::strided::{check_row_indices, expect, ld, on_cpu, st};
-use crate::dlpack::{DType, TensorView};
+use super::strided::{check_row_indices, expect_on, ld, on_device, st};
+use crate::dlpack::{DType, Device, TensorView};
 use crate::error::{Result, dtype_err, shape_err};
 
 pub struct ConvArgs<'a> {
@@ -22,9 +22,9 @@ pub struct ConvArgs<'a> {
     pub silu: bool,
 }
 
-/// (batch, dim, seqlen, width) after checking the inputs.
-pub fn check(a: &ConvArgs) -> Result<(i64, i64, i64, i64)> {
-    on_cpu(a.x, "x")?;
+/// (batch, dim, seqlen, width) after checking the inputs (all on `dev`).
+pub fn check(a: &ConvArgs, dev: Device) -> Result<(i64, i64, i64, i64)> {
+    on_device(a.x, "x", dev)?;
     if a.x.ndim() != 3 {
         return Err(shape_err(
             "x",
@@ -44,17 +44,18 @@ pub fn check(a: &ConvArgs) -> Result<(i64, i64, i64, i64)> {
             ),
         ));
     }
-    on_cpu(a.weight, "weight")?;
+    on_device(a.weight, "weight", dev)?;
     let w = a.weight.shape[1];
     if let Some(bias) = a.bias {
-        expect(bias, "bias", &[d], "(dim,)")?;
+        expect_on(bias, "bias", &[d], "(dim,)", dev)?;
     }
     if let Some(h0) = a.initial_states {
-        expect(
+        expect_on(
             h0,
             "initial_states",
             &[b, d, w - 1],
             "(batch, dim, width - 1)",
+            dev,
         )?;
     }
     if let Some(s) = a.seq_idx {
@@ -127,19 +128,7 @@ pub unsafe fn forward(
     out: &TensorView,
     final_states: Option<&TensorView>,
 ) -> Result<()> {
-    let (b, d, l, w) = check(a)?;
-    expect(out, "out", &[b, d, l], "(batch, dim, seqlen)")?;
-    same_dtype(out, a.x, "out")?;
-    out.require_writable("out")?;
-    if let Some(f) = final_states {
-        expect(
-            f,
-            "final_states_out",
-            &[b, d, w - 1],
-            "(batch, dim, width - 1)",
-        )?;
-        f.require_writable("final_states_out")?;
-    }
+    let (b, d, l, w) = check_forward(a, out, final_states, Device::Cpu)?;
     if wide(a) {
         // SAFETY: forwarded.
         unsafe { fwd_t::<f64>(a, out, final_states, (b, d, l, w)) };
@@ -148,6 +137,30 @@ pub unsafe fn forward(
         unsafe { fwd_t::<f32>(a, out, final_states, (b, d, l, w)) };
     }
     Ok(())
+}
+
+/// The forward's inputs and outputs, all on `dev`: (batch, dim, seqlen, width).
+pub fn check_forward(
+    a: &ConvArgs,
+    out: &TensorView,
+    final_states: Option<&TensorView>,
+    dev: Device,
+) -> Result<(i64, i64, i64, i64)> {
+    let (b, d, l, w) = check(a, dev)?;
+    expect_on(out, "out", &[b, d, l], "(batch, dim, seqlen)", dev)?;
+    same_dtype(out, a.x, "out")?;
+    out.require_writable("out")?;
+    if let Some(f) = final_states {
+        expect_on(
+            f,
+            "final_states_out",
+            &[b, d, w - 1],
+            "(batch, dim, width - 1)",
+            dev,
+        )?;
+        f.require_writable("final_states_out")?;
+    }
+    Ok((b, d, l, w))
 }
 
 unsafe fn fwd_t<R: Real + Send + Sync>(
@@ -210,18 +223,7 @@ pub struct ConvGrads<'a> {
 /// # Safety
 /// As for `forward`; the gradient outputs must be fresh.
 pub unsafe fn backward(a: &ConvArgs, g: &ConvGrads) -> Result<()> {
-    let (b, d, l, w) = check(a)?;
-    expect(g.dout, "dout", &[b, d, l], "(batch, dim, seqlen)")?;
-    expect(g.dx, "dx", &[b, d, l], "(batch, dim, seqlen)")?;
-    expect(g.dweight, "dweight", &[d, w], "(dim, width)")?;
-    if let Some(t) = g.dbias {
-        expect(t, "dbias", &[d], "(dim,)")?;
-    }
-    for (t, n) in [(g.dfinal, "dfinal_states"), (g.dinitial, "dinitial_states")] {
-        if let Some(t) = t {
-            expect(t, n, &[b, d, w - 1], "(batch, dim, width - 1)")?;
-        }
-    }
+    let (b, d, l, w) = check_backward(a, g, Device::Cpu)?;
     if wide(a) {
         // SAFETY: forwarded.
         unsafe { bwd_t::<f64>(a, g, (b, d, l, w)) };
@@ -230,6 +232,33 @@ pub unsafe fn backward(a: &ConvArgs, g: &ConvGrads) -> Result<()> {
         unsafe { bwd_t::<f32>(a, g, (b, d, l, w)) };
     }
     Ok(())
+}
+
+/// The backward's inputs and gradients, all on `dev`: (batch, dim, seqlen, width).
+pub fn check_backward(a: &ConvArgs, g: &ConvGrads, dev: Device) -> Result<(i64, i64, i64, i64)> {
+    let (b, d, l, w) = check(a, dev)?;
+    expect_on(g.dout, "dout", &[b, d, l], "(batch, dim, seqlen)", dev)?;
+    expect_on(g.dx, "dx", &[b, d, l], "(batch, dim, seqlen)", dev)?;
+    expect_on(g.dweight, "dweight", &[d, w], "(dim, width)", dev)?;
+    if let Some(t) = g.dbias {
+        expect_on(t, "dbias", &[d], "(dim,)", dev)?;
+    }
+    for (t, n) in [(g.dfinal, "dfinal_states"), (g.dinitial, "dinitial_states")] {
+        if let Some(t) = t {
+            expect_on(t, n, &[b, d, w - 1], "(batch, dim, width - 1)", dev)?;
+        }
+    }
+    for (t, n) in [
+        (Some(g.dx), "dx"),
+        (Some(g.dweight), "dweight"),
+        (g.dbias, "dbias"),
+        (g.dinitial, "dinitial_states"),
+    ] {
+        if let Some(t) = t {
+            t.require_writable(n)?;
+        }
+    }
+    Ok((b, d, l, w))
 }
 
 unsafe fn bwd_t<R: Real + Send + Sync>(
@@ -340,13 +369,52 @@ pub unsafe fn update(
     indices: Option<&[i64]>,
     out: &TensorView,
 ) -> Result<()> {
+    let (b, d, l, w) = check_update(
+        x,
+        state,
+        weight,
+        bias,
+        out,
+        Device::Cpu,
+        [
+            cache_seqlens.map(|v| v.len() as i64),
+            indices.map(|v| v.len() as i64),
+        ],
+    )?;
+    if let Some(ix) = indices {
+        check_row_indices(ix, state.shape[0], "conv_state_indices", "conv_state")?;
+    }
+    let wide = x.dtype == DType::F64 || weight.dtype == DType::F64;
+    let args = (x, state, weight, bias, silu, cache_seqlens, indices, out);
+    if wide {
+        // SAFETY: checked above.
+        unsafe { upd_t::<f64>(args, (b, d, l, w)) };
+    } else {
+        // SAFETY: checked above.
+        unsafe { upd_t::<f32>(args, (b, d, l, w)) };
+    }
+    Ok(())
+}
+
+/// The update's tensors, all on `dev`, and the lengths of cache_seqlens and
+/// conv_state_indices when given: (batch, dim, seqlen, width). Without indices the state has
+/// x's batch.
+pub fn check_update(
+    x: &TensorView,
+    state: &TensorView,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+    out: &TensorView,
+    dev: Device,
+    lens: [Option<i64>; 2],
+) -> Result<(i64, i64, i64, i64)> {
     for (t, n) in [
         (x, "x"),
         (state, "conv_state"),
         (weight, "weight"),
         (out, "out"),
     ] {
-        on_cpu(t, n)?;
+        on_device(t, n, dev)?;
     }
     if x.ndim() != 3 {
         return Err(shape_err(
@@ -379,47 +447,34 @@ pub unsafe fn update(
         ));
     }
     if let Some(t) = bias {
-        expect(t, "bias", &[d], "(dim,)")?;
+        expect_on(t, "bias", &[d], "(dim,)", dev)?;
     }
-    expect(out, "out", &[b, d, l], "(batch, dim, seqlen)")?;
+    expect_on(out, "out", &[b, d, l], "(batch, dim, seqlen)", dev)?;
     state.require_writable("conv_state")?;
     out.require_writable("out")?;
-    for (v, n) in [
-        (cache_seqlens, "cache_seqlens"),
-        (indices, "conv_state_indices"),
-    ] {
+    for (v, n) in [lens[0], lens[1]]
+        .into_iter()
+        .zip(["cache_seqlens", "conv_state_indices"])
+    {
         if let Some(v) = v {
-            if v.len() as i64 != b {
+            if v != b {
                 return Err(shape_err(
                     n,
-                    format!("must have shape (batch,) = ({b},); got ({},)", v.len()),
+                    format!("must have shape (batch,) = ({b},); got ({v},)"),
                 ));
             }
         }
     }
-    match indices {
-        Some(ix) => check_row_indices(ix, state.shape[0], "conv_state_indices", "conv_state")?,
-        None if state.shape[0] != b => {
-            return Err(shape_err(
-                "conv_state",
-                format!(
-                    "batch {} must equal x's batch {b} (or pass conv_state_indices)",
-                    state.shape[0]
-                ),
-            ));
-        }
-        None => {}
+    if lens[1].is_none() && state.shape[0] != b {
+        return Err(shape_err(
+            "conv_state",
+            format!(
+                "batch {} must equal x's batch {b} (or pass conv_state_indices)",
+                state.shape[0]
+            ),
+        ));
     }
-    let wide = x.dtype == DType::F64 || weight.dtype == DType::F64;
-    let args = (x, state, weight, bias, silu, cache_seqlens, indices, out);
-    if wide {
-        // SAFETY: checked above.
-        unsafe { upd_t::<f64>(args, (b, d, l, w)) };
-    } else {
-        // SAFETY: checked above.
-        unsafe { upd_t::<f32>(args, (b, d, l, w)) };
-    }
-    Ok(())
+    Ok((b, d, l, w))
 }
 
 type UpdArgs<'a> = (

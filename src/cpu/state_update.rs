@@ -11,8 +11,8 @@
 //! Any strides (A and dt may be broadcast views with stride 0).
 
 use super::Real;
-use super::strided::{check_row_indices, expect, ld, on_cpu, st};
-use crate::dlpack::{DType, TensorView};
+use super::strided::{check_row_indices, expect_on, ld, on_device, st};
+use crate::dlpack::{DType, Device, IntView, TensorView};
 use crate::error::{Result, dtype_err, shape_err};
 
 pub struct UpdateArgs<'a> {
@@ -26,12 +26,15 @@ pub struct UpdateArgs<'a> {
     pub z: Option<&'a TensorView>,
     pub dt_bias: Option<&'a TensorView>,
     pub out: &'a TensorView,
+    /// Host row indices (CPU calls; checked here)...
     pub indices: Option<&'a [i64]>,
+    /// ...or a device tensor of them (CUDA calls: checked by the kernel, see cuda/small.cu).
+    pub device_indices: Option<&'a IntView>,
     pub dt_softplus: bool,
 }
 
-/// Validate every argument (shapes, devices, writable outputs, indices in range).
-pub fn check(a: &UpdateArgs) -> Result<()> {
+/// Validate every argument (shapes, all on `dev`, writable outputs, host indices in range).
+pub fn check(a: &UpdateArgs, dev: Device) -> Result<()> {
     let s = a.state;
     if s.ndim() != 4 {
         return Err(shape_err(
@@ -54,12 +57,12 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
     }
     let bt = a.x.shape[0];
     let row = [bt, h, p];
-    expect(a.dt, "dt", &row, "(batch, nheads, dim)")?;
-    expect(a.out, "out", &row, "(batch, nheads, dim)")?;
+    expect_on(a.dt, "dt", &row, "(batch, nheads, dim)", dev)?;
+    expect_on(a.out, "out", &row, "(batch, nheads, dim)", dev)?;
     if let Some(z) = a.z {
-        expect(z, "z", &row, "(batch, nheads, dim)")?;
+        expect_on(z, "z", &row, "(batch, nheads, dim)", dev)?;
     }
-    expect(a.a, "A", &[h, p, n], "(nheads, dim, dstate)")?;
+    expect_on(a.a, "A", &[h, p, n], "(nheads, dim, dstate)", dev)?;
     if a.b.ndim() != 3 || a.b.shape[0] != bt || a.b.shape[2] != n {
         return Err(shape_err(
             "B",
@@ -76,12 +79,12 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
             format!("ngroups ({g}) must divide nheads ({h})"),
         ));
     }
-    expect(a.c, "C", &a.b.shape, "B's shape")?;
+    expect_on(a.c, "C", &a.b.shape, "B's shape", dev)?;
     if let Some(d) = a.d {
-        expect(d, "D", &[h, p], "(nheads, dim)")?;
+        expect_on(d, "D", &[h, p], "(nheads, dim)", dev)?;
     }
     if let Some(d) = a.dt_bias {
-        expect(d, "dt_bias", &[h, p], "(nheads, dim)")?;
+        expect_on(d, "dt_bias", &[h, p], "(nheads, dim)", dev)?;
     }
     for (t, name) in [
         (Some(a.state), "state"),
@@ -96,7 +99,7 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
         (Some(a.out), "out"),
     ] {
         if let Some(t) = t {
-            on_cpu(t, name)?;
+            on_device(t, name, dev)?;
         }
     }
     if a.out.dtype != a.x.dtype {
@@ -111,6 +114,19 @@ pub fn check(a: &UpdateArgs) -> Result<()> {
     }
     a.state.require_writable("state")?;
     a.out.require_writable("out")?;
+    if let Some(iv) = a.device_indices {
+        if iv.device != dev || iv.shape != [bt] {
+            return Err(shape_err(
+                "state_batch_indices",
+                format!(
+                    "must be a tensor of shape (batch,) = ({bt},) on {dev}; got {} on {}",
+                    iv.shape_str(),
+                    iv.device
+                ),
+            ));
+        }
+        return Ok(());
+    }
     match a.indices {
         Some(ix) => {
             if ix.len() as i64 != bt {

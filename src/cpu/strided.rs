@@ -6,10 +6,18 @@ use crate::dlpack::{Device, TensorView};
 use crate::error::{Result, device_err, shape_err};
 
 pub fn on_cpu(t: &TensorView, arg: &str) -> Result<()> {
-    if t.device != Device::Cpu {
+    on_device(t, arg, Device::Cpu)
+}
+
+/// `t` lives on `dev` (the device of the call's first tensor).
+pub fn on_device(t: &TensorView, arg: &str, dev: Device) -> Result<()> {
+    if t.device != dev {
         return Err(device_err(
             arg,
-            format!("the native kernel takes CPU tensors; got {}", t.device),
+            format!(
+                "expected a tensor on {dev} like the others; got {}",
+                t.device
+            ),
         ));
     }
     Ok(())
@@ -17,7 +25,12 @@ pub fn on_cpu(t: &TensorView, arg: &str) -> Result<()> {
 
 /// `t` is a CPU tensor of exactly shape `want` (described as `what` in the error).
 pub fn expect(t: &TensorView, arg: &str, want: &[i64], what: &str) -> Result<()> {
-    on_cpu(t, arg)?;
+    expect_on(t, arg, want, what, Device::Cpu)
+}
+
+/// `t` is a tensor on `dev` of exactly shape `want`.
+pub fn expect_on(t: &TensorView, arg: &str, want: &[i64], what: &str, dev: Device) -> Result<()> {
+    on_device(t, arg, dev)?;
     if t.shape != want {
         return Err(shape_err(
             arg,

@@ -13,6 +13,98 @@ const PARAMS_H: &str = include_str!("../../cuda/params.h");
 const COMMON_CUH: &str = include_str!("../../cuda/common.cuh");
 const SCAN_FWD_CU: &str = include_str!("../../cuda/scan_fwd.cu");
 const SCAN_BWD_CU: &str = include_str!("../../cuda/scan_bwd.cu");
+const SMALL_CU: &str = include_str!("../../cuda/small.cu");
+
+/// One NVRTC program: a specialisation of the scan, or the small kernels (decoding step and
+/// causal conv1d, all their variants in one module: they are cheap to compile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Program {
+    Scan(KernelSpec),
+    Small,
+}
+
+/// Entry points of the small-kernel module.
+pub const SMALL_ENTRIES: &[&str] = &[
+    "state_update_ns1",
+    "state_update_ns2",
+    "state_update_ns4",
+    "state_update_ns8",
+    "conv_fwd_t0_w2",
+    "conv_fwd_t0_w3",
+    "conv_fwd_t0_w4",
+    "conv_fwd_t1_w2",
+    "conv_fwd_t1_w3",
+    "conv_fwd_t1_w4",
+    "conv_fwd_t2_w2",
+    "conv_fwd_t2_w3",
+    "conv_fwd_t2_w4",
+    "conv_bwd_t0_w2",
+    "conv_bwd_t0_w3",
+    "conv_bwd_t0_w4",
+    "conv_bwd_t1_w2",
+    "conv_bwd_t1_w3",
+    "conv_bwd_t1_w4",
+    "conv_bwd_t2_w2",
+    "conv_bwd_t2_w3",
+    "conv_bwd_t2_w4",
+    "conv_bwd_reduce",
+    "conv_update",
+];
+
+impl Program {
+    /// Name of the program (the cache file's prefix, the compile unit's name).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Program::Scan(s) => s.entry(),
+            Program::Small => "small",
+        }
+    }
+    pub fn entries(&self) -> &'static [&'static str] {
+        match self {
+            Program::Scan(s) => s.entries(),
+            Program::Small => SMALL_ENTRIES,
+        }
+    }
+    pub fn options(&self, arch: &str) -> Vec<String> {
+        match self {
+            Program::Scan(s) => s.options(arch),
+            Program::Small => vec![
+                format!("--gpu-architecture={arch}"),
+                "--std=c++17".into(),
+                "--ptxas-options=-v".into(),
+            ],
+        }
+    }
+    pub fn source(&self) -> String {
+        match self {
+            Program::Scan(s) => s.source(),
+            Program::Small => join_sources(SMALL_CU),
+        }
+    }
+    /// Every program (the ahead-of-time warm-up and the CI compile check).
+    pub fn all() -> Vec<Program> {
+        let mut v: Vec<Program> = KernelSpec::all().into_iter().map(Program::Scan).collect();
+        v.push(Program::Small);
+        v
+    }
+}
+
+/// params.h, common.cuh and a kernel file as one self-contained source (NVRTC gets no include
+/// paths: the includes are dropped and the headers inlined in order).
+fn join_sources(body: &str) -> String {
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("#pragma once") && !l.starts_with("#include"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        "{}\n{}\n{}\n",
+        strip(PARAMS_H),
+        strip(COMMON_CUH),
+        strip(body)
+    )
+}
 
 /// Which kernel and which compile-time specialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,23 +205,11 @@ impl KernelSpec {
         ]
     }
     pub fn source(&self) -> String {
-        let strip = |s: &str| {
-            s.lines()
-                .filter(|l| !l.starts_with("#pragma once") && !l.starts_with("#include"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let body = if self.backward {
+        join_sources(if self.backward {
             SCAN_BWD_CU
         } else {
             SCAN_FWD_CU
-        };
-        format!(
-            "{}\n{}\n{}\n",
-            strip(PARAMS_H),
-            strip(COMMON_CUH),
-            strip(body)
-        )
+        })
     }
     /// Every specialisation (for the ahead-of-time warm-up and the CI compile check).
     pub fn all() -> Vec<KernelSpec> {
@@ -228,11 +308,11 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 }
 
 /// Compile with NVRTC (no cache).
-pub fn compile(spec: &KernelSpec, arch: &str) -> Result<Compiled> {
+pub fn compile(spec: &Program, arch: &str) -> Result<Compiled> {
     nvrtc_present()?;
     use cudarc::nvrtc::{result, sys};
     let src = CString::new(spec.source()).map_err(|e| nvrtc_err("source", e))?;
-    let name = CString::new(format!("{}.cu", spec.entry())).unwrap();
+    let name = CString::new(format!("{}.cu", spec.name())).unwrap();
     let prog = result::create_program(&src, Some(&name))
         .map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
     let opts = spec.options(arch);
@@ -252,7 +332,7 @@ pub fn compile(spec: &KernelSpec, arch: &str) -> Result<Compiled> {
         if let Err(e) = compiled {
             let _ = result::destroy_program(prog);
             return Err(ScanError::Compile {
-                msg: format!("{} {:?} for {arch}: {e:?}", spec.entry(), spec),
+                msg: format!("{} {:?} for {arch}: {e:?}", spec.name(), spec),
                 log,
             });
         }
@@ -311,7 +391,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 const MAGIC: &[u8; 8] = b"MSCUBIN1";
 
 /// Compile through the disk cache. A missing, unreadable or corrupt entry is recompiled.
-pub fn compile_cached(spec: &KernelSpec, arch: &str) -> Result<Vec<u8>> {
+pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version()?;
     let ver = format!("nvrtc {maj}.{min}");
     let opts = spec.options(arch).join(" ");
@@ -322,7 +402,7 @@ pub fn compile_cached(spec: &KernelSpec, arch: &str) -> Result<Vec<u8>> {
         arch.as_bytes(),
         ver.as_bytes(),
     ]);
-    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", spec.entry())));
+    let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", spec.name())));
     if let Some(path) = &path {
         if let Ok(bytes) = std::fs::read(path) {
             if bytes.len() > 16 && &bytes[..8] == MAGIC {
@@ -363,9 +443,11 @@ mod tests {
             return;
         }
         let spec = KernelSpec::new(true, 2, 16, false, true, true, true);
-        let c = compile(&spec, "sm_90").unwrap();
-        eprintln!("{:?}", c.resources());
-        assert_eq!(c.resources().1, 0, "{}", c.log);
+        for prog in [Program::Scan(spec), Program::Small] {
+            let c = compile(&prog, "sm_90").unwrap();
+            eprintln!("{:?}", c.resources());
+            assert_eq!(c.resources().1, 0, "{}", c.log);
+        }
     }
 
     #[test]

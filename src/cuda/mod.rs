@@ -3,11 +3,12 @@
 //! allocated here and nothing synchronises with the host, so calls are CUDA-graph capturable.
 
 pub mod compile;
+pub mod small;
 
 use crate::check::Plan;
 use crate::dlpack::{DType, Device};
 use crate::error::{Result, ScanError};
-use compile::{KernelSpec, chunk_for_layout, compile_cached, layout_for_dstate};
+use compile::{KernelSpec, Program, chunk_for_layout, compile_cached, layout_for_dstate};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -40,10 +41,10 @@ pub fn driver_present() -> Result<()> {
 struct DeviceState {
     ctx: sys::CUcontext,
     arch: String,
-    funcs: HashMap<(KernelSpec, &'static str), sys::CUfunction>,
+    funcs: HashMap<(Program, &'static str), sys::CUfunction>,
     /// Dynamic shared memory each function has been allowed so far (cuFuncSetAttribute once per
     /// function and size, not on every launch).
-    smem_allowed: HashMap<(KernelSpec, &'static str), u32>,
+    smem_allowed: HashMap<(Program, &'static str), u32>,
 }
 
 // SAFETY: CUcontext / CUfunction are opaque driver handles, valid from any thread; every use
@@ -95,7 +96,7 @@ fn device_state(map: &mut HashMap<i32, DeviceState>, ordinal: i32) -> Result<&mu
     Ok(st)
 }
 
-fn function(st: &mut DeviceState, spec: KernelSpec, name: &'static str) -> Result<sys::CUfunction> {
+fn function(st: &mut DeviceState, spec: Program, name: &'static str) -> Result<sys::CUfunction> {
     if let Some(f) = st.funcs.get(&(spec, name)) {
         return Ok(*f);
     }
@@ -292,7 +293,8 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     let smem = smem_bytes(&spec, threads);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
     let st = device_state(&mut map, ordinal)?;
-    let main = function(st, spec, spec.entry())?;
+    let prog = Program::Scan(spec);
+    let main = function(st, prog, spec.entry())?;
     let mut pp = p;
     let mut kch_arg = kch;
     // SAFETY: the functions belong to the current context; the arguments are passed by value
@@ -301,7 +303,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     unsafe {
         let allowed = st
             .smem_allowed
-            .get(&(spec, spec.entry()))
+            .get(&(prog, spec.entry()))
             .copied()
             .unwrap_or(48 * 1024);
         if smem > allowed {
@@ -311,7 +313,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                 smem as i32,
             )
             .map_err(driver_err("cuFuncSetAttribute"))?;
-            st.smem_allowed.insert((spec, spec.entry()), smem);
+            st.smem_allowed.insert((prog, spec.entry()), smem);
         }
         if p.batch > 0 && p.dim > 0 {
             let mut args = [
@@ -333,7 +335,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
             }))?;
         }
         if backward {
-            let red = function(st, spec, "ssm_bwd_reduce")?;
+            let red = function(st, prog, "ssm_bwd_reduce")?;
             let total = p.dim as i64 * (3 * p.dstate as i64 + 2)
                 + (p.is_variable_b as i64 * p.b_ngroups as i64
                     + p.is_variable_c as i64 * p.c_ngroups as i64)
@@ -374,9 +376,20 @@ pub fn backward(plan: &Plan, stream: u64) -> Result<()> {
 pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u32>, u32)>> {
     use rayon::prelude::*;
     // NVRTC programs are independent: compile them on all cores.
-    KernelSpec::all()
+    Program::all()
         .into_par_iter()
-        .map(|spec| {
+        .map(|prog| {
+            let spec = match prog {
+                Program::Scan(spec) => spec,
+                Program::Small => {
+                    let c = if use_cache {
+                        compile_cached(&prog, arch).map(|_| (None, 0))
+                    } else {
+                        compile::compile(&prog, arch).map(|c| c.resources())
+                    }?;
+                    return Ok(("small kernels".to_string(), c.0, c.1));
+                }
+            };
             let name = format!(
                 "{} in{} ks{} g{} varB{} varC{} z{} chunk{}",
                 spec.entry(),
@@ -389,10 +402,10 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
                 spec.chunk()
             );
             if use_cache {
-                compile_cached(&spec, arch)?;
+                compile_cached(&prog, arch)?;
                 Ok((name, None, 0))
             } else {
-                let c = compile::compile(&spec, arch)?;
+                let c = compile::compile(&prog, arch)?;
                 let (regs, spill) = c.resources();
                 Ok((name, regs, spill))
             }

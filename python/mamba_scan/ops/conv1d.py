@@ -1,15 +1,16 @@
 """causal_conv1d_fn / causal_conv1d_update with causal-conv1d 1.7's signatures and semantics.
 
-CPU tensors run the Rust kernels (forward, backward, update). CUDA tensors run the PyTorch
-compositions of ``mamba_scan.reference`` for now (grouped conv1d, autograd through torch); a
-CUDA kernel, and conv1d + silu fused into the scan's input load, are planned."""
+CPU and CUDA tensors run mamba-scan's kernels (forward, backward with deterministic weight
+sums, decoding update). On CUDA, widths outside 2..4 and float64 run the PyTorch compositions of
+``mamba_scan.reference``; sequence / row index tensors stay on the device (no host
+synchronisation)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _native
-from .._boundary import capsule, new_empty
+from .._boundary import capsule, ensure_cuda_libs, new_empty, new_like, stream_of
 from .._native import DTypeError, ShapeError
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -18,20 +19,67 @@ def _ints(t):
     return None if t is None else t.reshape(-1).tolist()
 
 
+def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=False):
+    """The kernel's forward: (out, final_states or None). out keeps x's layout (channel-first or
+    channel-last), as causal-conv1d's does."""
+    out = new_like(x)
+    fin = None
+    if return_final:
+        fin = new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1), x.dtype, x.device)
+    if x.is_cuda:
+        ensure_cuda_libs()
+        _native.conv1d_fwd_cuda(capsule(x), capsule(weight), capsule(bias), capsule(seq_idx),
+                                capsule(initial_states), capsule(out), capsule(fin), silu,
+                                stream_of(x))  # fmt: skip
+    else:
+        _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx),
+                           capsule(initial_states), capsule(out), capsule(fin), silu)  # fmt: skip
+    return out, fin
+
+
+def conv_backward(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, dx=None,
+                  need_dinitial=True):  # fmt: skip
+    """The kernel's backward: (dx, dweight, dbias, dinitial_states). ``dx`` may be given (a
+    view into a larger gradient, e.g. mamba_inner_fn's dxz)."""
+    dx = new_like(x) if dx is None else dx
+    dw = new_empty(weight.shape, weight.dtype, weight.device)
+    db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
+    h0 = initial_states
+    dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None and need_dinitial else None
+    if x.is_cuda:
+        ws = torch.empty(_native.cuda_conv1d_workspace_size(capsule(x), weight.shape[1]),
+                         dtype=torch.float32, device=x.device)  # fmt: skip
+        _native.conv1d_bwd_cuda(capsule(x), capsule(weight), capsule(bias), capsule(seq_idx),
+                                capsule(h0), capsule(dout), capsule(dfinal), capsule(dx),
+                                capsule(dw), capsule(db), capsule(dh), capsule(ws), silu,
+                                stream_of(x))  # fmt: skip
+    else:
+        _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx),
+                           capsule(h0), capsule(dout.contiguous()), capsule(dfinal), capsule(dx),
+                           capsule(dw), capsule(db), capsule(dh), silu)  # fmt: skip
+    return dx, dw, db, dh
+
+
+def kernel_ok(x, weight):
+    """Whether the kernels take these tensors (else the shim runs the PyTorch reference)."""
+    if x.is_cpu and weight.is_cpu:
+        return True
+    return (
+        x.is_cuda
+        and 2 <= weight.shape[1] <= 4
+        and x.dtype != torch.float64
+        and weight.dtype != torch.float64
+    )
+
+
 class CausalConv1dFn(torch.autograd.Function):
-    """The Rust CPU kernels under autograd (x, weight, bias, initial_states differentiable)."""
+    """The kernels under autograd (x, weight, bias, initial_states differentiable)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, return_final, final_out, silu):
-        out = new_empty(x.shape, x.dtype, x.device)
-        fin = None
-        if return_final:
-            fin = new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1), x.dtype, x.device)
-        seq = _ints(seq_idx)
-        _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), seq,
-                           capsule(initial_states), capsule(out), capsule(fin), silu)  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, initial_states)
-        ctx.seq, ctx.silu, ctx.return_final = seq, silu, return_final
+        out, fin = conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final)
+        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+        ctx.silu, ctx.return_final = silu, return_final
         if return_final:
             if final_out is not None:  # the caller's buffer gets the values too
                 final_out.copy_(fin)
@@ -40,15 +88,9 @@ class CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        x, weight, bias, h0 = ctx.saved_tensors
+        x, weight, bias, h0, seq_idx = ctx.saved_tensors
         dfin = rest[0] if ctx.return_final and rest else None
-        dx = new_empty(x.shape, x.dtype, x.device)
-        dw = new_empty(weight.shape, weight.dtype, weight.device)
-        db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
-        dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None else None
-        _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), ctx.seq, capsule(h0),
-                           capsule(dout.contiguous()), capsule(dfin), capsule(dx), capsule(dw),
-                           capsule(db), capsule(dh), ctx.silu)  # fmt: skip
+        dx, dw, db, dh = conv_backward(x, weight, bias, seq_idx, h0, dout, dfin, ctx.silu)
         return dx, dw, db, None, dh, None, None, None
 
 
@@ -74,7 +116,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         raise ValueError("seq_idx: cannot be combined with initial_states or return_final_states")
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
-    if x.is_cpu and weight.is_cpu:
+    if kernel_ok(x, weight):
         return CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states,
                                     bool(return_final_states), final_states_out,
                                     activation is not None)  # fmt: skip
@@ -102,8 +144,18 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         )
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
+    x3 = x if x.dim() == 3 else x.unsqueeze(-1)
+    if x.is_cuda and not any(
+        t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)
+    ):
+        ensure_cuda_libs()
+        out = new_empty(x3.shape, x.dtype, x.device)
+        _native.conv1d_update_cuda(capsule(x3), capsule(conv_state), capsule(weight),
+                                   capsule(bias), activation is not None, capsule(cache_seqlens),
+                                   capsule(conv_state_indices), capsule(out),
+                                   stream_of(x))  # fmt: skip
+        return out if x.dim() == 3 else out.squeeze(-1)
     if x.is_cpu and conv_state.is_cpu and weight.is_cpu:
-        x3 = x if x.dim() == 3 else x.unsqueeze(-1)
         out = new_empty(x3.shape, x.dtype, x.device)
         _native.conv1d_update(capsule(x3), capsule(conv_state), capsule(weight), capsule(bias),
                               activation is not None, _ints(cache_seqlens),

@@ -1,24 +1,130 @@
 """mamba_inner_fn: mamba_ssm's fused Mamba-1 mixer (conv1d + silu, x_proj, dt_proj, selective
 scan with z gating, out_proj) with its signature and semantics.
 
-For now it is a composition: the causal convolution and the projections run in PyTorch and
-the scan in mamba-scan's fused kernel; autograd flows through all of it. ``checkpoint_lvl`` is
-accepted for compatibility; the composition keeps the conv output and delta for the backward
-(checkpoint_lvl=0's memory behaviour) until the fused autograd Function lands."""
+One autograd Function (``MambaInnerFn``) runs the conv and scan kernels and the projections
+(cuBLAS / the CPU BLAS through torch) and writes its own backward: with ``checkpoint_lvl=1`` it
+saves xz, x_dbl, the gated scan output and one state per chunk, and recomputes the conv output
+and delta in the backward instead of saving them (two (batch, d_inner, seqlen) tensors fewer).
+The RMS-norm variants (b/c/dt_rms_weight) and widths the kernels do not take run the composition
+``reference.mamba_inner_composition`` over mamba-scan's conv and scan ops (autograd through
+torch)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .conv1d import causal_conv1d_fn
-from .selective_scan import selective_scan_fn
+from ..reference import mamba_inner_composition
+from .conv1d import causal_conv1d_fn, conv_backward, conv_forward, kernel_ok
+from .selective_scan import _backward, _forward, _prepare, selective_scan_fn
 
 
-def _rms_norm(x, weight, eps):
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return y.to(x.dtype)
+def _bias_grad(g, dtype):
+    """Sum over steps of a (b l, n) gradient, accumulated in at least float32."""
+    if dtype is None:
+        return None
+    return g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(dtype)
+
+
+class MambaInnerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
+                C_proj_bias, delta_softplus, checkpoint_lvl):  # fmt: skip
+        batch, two_d, L = xz.shape
+        d = two_d // 2
+        n = A.shape[-1]
+        r = delta_proj_weight.shape[1]
+        if xz.stride(-1) != 1:
+            xz = xz.contiguous()
+        x, z = xz[:, :d], xz[:, d:]
+        w = conv1d_weight.squeeze(1)
+        conv_out, _ = conv_forward(x, w, conv1d_bias, None, None, True)
+        # (b l, r + 2n): the input-dependent dt, B and C of every step.
+        x_dbl = F.linear(conv_out.transpose(1, 2).reshape(batch * L, d), x_proj_weight)
+        delta = (delta_proj_weight @ x_dbl[:, :r].t()).view(d, batch, L).transpose(0, 1)
+        var_b, var_c = B is None, C is None
+        if var_b:
+            B = x_dbl[:, r : r + n]
+            if B_proj_bias is not None:
+                B = B + B_proj_bias.to(B.dtype)
+            B = B.view(batch, L, n).transpose(1, 2).contiguous()
+        if var_c:
+            C = x_dbl[:, r + n :]
+            if C_proj_bias is not None:
+                C = C + C_proj_bias.to(C.dtype)
+            C = C.view(batch, L, n).transpose(1, 2).contiguous()
+        u, delta, A, B, C, D, z, delta_bias, _ = _prepare(
+            conv_out, delta, A, B, C, D, z, delta_bias, None
+        )
+        out_z, states = _forward(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus)
+        out = F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
+        ctx.lvl = checkpoint_lvl
+        ctx.var_b, ctx.var_c = var_b, var_c
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.b_bias_dtype = B_proj_bias.dtype if B_proj_bias is not None else None
+        ctx.c_bias_dtype = C_proj_bias.dtype if C_proj_bias is not None else None
+        ctx.has_out_bias = out_proj_bias is not None
+        if checkpoint_lvl >= 1:
+            u, delta = None, None  # recomputed in the backward
+        ctx.save_for_backward(xz, conv1d_weight, conv1d_bias, x_dbl, x_proj_weight,
+                              delta_proj_weight, out_proj_weight, A, B, C, D, delta_bias,
+                              states, out_z, u, delta)  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xz, conv1d_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight,
+         out_proj_weight, A, B, C, D, delta_bias, states, out_z, u, delta) = ctx.saved_tensors  # fmt: skip
+        batch, two_d, L = xz.shape
+        d = two_d // 2
+        n = A.shape[-1]
+        r = delta_proj_weight.shape[1]
+        x, z = xz[:, :d], xz[:, d:]
+        w = conv1d_weight.squeeze(1)
+        if u is None:  # checkpoint_lvl 1: recompute the conv output and delta
+            u, _ = conv_forward(x, w, conv1d_bias, None, None, True)
+            delta = (delta_proj_weight @ x_dbl[:, :r].t()).view(d, batch, L).transpose(0, 1)
+        dout2 = dout.reshape(batch * L, -1)
+        # out = out_z^T W_out^T + b: gradients of the projection, then of the scan.
+        dout_proj_weight = dout2.t() @ out_z.transpose(1, 2).reshape(batch * L, d)
+        dout_proj_bias = dout2.sum(0) if ctx.has_out_bias else None
+        dy = (dout2 @ out_proj_weight).view(batch, L, d).transpose(1, 2)
+        dxz = torch.empty_like(xz)
+        dz = dxz[:, d:]
+        du, ddelta, dA, dB, dC, dD, _, ddelta_bias, _ = _backward(
+            u, delta, A, B, C, D, z, delta_bias, None, states, dy, None, ctx.delta_softplus,
+            dz=dz,
+        )  # fmt: skip
+        # x_dbl = u^T W_x^T: its gradient collects ddelta (through W_dt), and dB / dC when
+        # they are input-dependent.
+        dx_dbl = torch.empty_like(x_dbl)
+        ddelta2 = ddelta.transpose(0, 1).reshape(d, batch * L)  # (d, b l)
+        ddelta_proj_weight = (ddelta2 @ x_dbl[:, :r]).to(delta_proj_weight.dtype)
+        dx_dbl[:, :r] = (ddelta2.t() @ delta_proj_weight.to(ddelta2.dtype)).to(dx_dbl.dtype)
+        dB_proj_bias = dC_proj_bias = None
+        if ctx.var_b:
+            dB2 = dB.transpose(1, 2).reshape(batch * L, n)
+            dx_dbl[:, r : r + n] = dB2
+            dB = None
+            dB_proj_bias = _bias_grad(dB2, ctx.b_bias_dtype)
+        else:
+            dx_dbl[:, r : r + n] = 0
+        if ctx.var_c:
+            dC2 = dC.transpose(1, 2).reshape(batch * L, n)
+            dx_dbl[:, r + n :] = dC2
+            dC = None
+            dC_proj_bias = _bias_grad(dC2, ctx.c_bias_dtype)
+        else:
+            dx_dbl[:, r + n :] = 0
+        u2 = u.transpose(1, 2).reshape(batch * L, d)
+        dx_proj_weight = dx_dbl.t() @ u2
+        du = du + (dx_dbl @ x_proj_weight).view(batch, L, d).transpose(1, 2)
+        _, dw, db, _ = conv_backward(x, w, conv1d_bias, None, None, du, None, True,
+                                     dx=dxz[:, :d])  # fmt: skip
+        return (dxz, dw.view_as(conv1d_weight), db, dx_proj_weight, ddelta_proj_weight,
+                dout_proj_weight, dout_proj_bias, dA, dB, dC, dD, ddelta_bias, dB_proj_bias,
+                dC_proj_bias, None, None)  # fmt: skip
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
@@ -40,29 +146,18 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
             w.to(dt) for w in (x_proj_weight, delta_proj_weight, out_proj_weight)
         )
         out_proj_bias = out_proj_bias.to(dt) if out_proj_bias is not None else None
-    L = xz.shape[-1]
-    d_state = A.shape[-1]
-    dt_rank = delta_proj_weight.shape[1]
-    x, z = xz.chunk(2, dim=1)
-    x = causal_conv1d_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
-    x_dbl = F.linear(x.transpose(1, 2).reshape(-1, x.shape[1]), x_proj_weight)  # (b l, r + 2n)
-    delta = (delta_proj_weight @ x_dbl[:, :dt_rank].t()).view(-1, xz.shape[0], L).transpose(0, 1)
-    if dt_rms_weight is not None:
-        delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
-    if B is None:
-        B = x_dbl[:, dt_rank : dt_rank + d_state]
-        if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
-        if b_rms_weight is not None:
-            B = _rms_norm(B, b_rms_weight, b_c_dt_rms_eps)
-        B = B.view(xz.shape[0], L, d_state).transpose(1, 2).contiguous()
-    if C is None:
-        C = x_dbl[:, -d_state:]
-        if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
-        if c_rms_weight is not None:
-            C = _rms_norm(C, c_rms_weight, b_c_dt_rms_eps)
-        C = C.view(xz.shape[0], L, d_state).transpose(1, 2).contiguous()
-    y = selective_scan_fn(x, delta.contiguous(), A, B, C, D, z=z, delta_bias=delta_bias,
-                          delta_softplus=delta_softplus)  # fmt: skip
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    if (
+        b_rms_weight is None
+        and c_rms_weight is None
+        and dt_rms_weight is None
+        and kernel_ok(xz, conv1d_weight.view(conv1d_weight.shape[0], -1))
+    ):
+        return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight,
+                                  delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D,
+                                  delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                                  checkpoint_lvl)  # fmt: skip
+    return mamba_inner_composition(
+        causal_conv1d_fn, selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+        out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+        b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+    )  # fmt: skip

@@ -121,24 +121,39 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dout, *rest):
         u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
         dlast = rest[0] if rest else None
-        if dout is None:
-            dout = torch.zeros_like(u)
-        dout = last_contiguous(dout)
-        if dlast is not None:
-            dlast = dlast.contiguous()
-        du, ddelta, dA, dB, dC = (new_like(x) for x in (u, delta, A, B, C))
-        dD, dz, ddelta_bias, dh0 = (
-            new_like(x) if x is not None else None for x in (D, z, delta_bias, initial_state)
-        )
-        _native.scan_bwd(
-            capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
-            capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
-            capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
-            capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
-            capsule(dh0), ctx.delta_softplus, chunk_size_for(u, A.shape[1]), stream_of(u),
-            workspace=capsule(_workspace(u, A, B, C)),
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
+            ctx.delta_softplus,
         )  # fmt: skip
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
+              delta_softplus, du=None, dz=None):  # fmt: skip
+    """The fused backward (recomputes each chunk from its saved state): (du, ddelta, dA, dB, dC,
+    dD, dz, ddelta_bias, dinitial_state), None for absent inputs. ``du`` / ``dz`` may be given
+    (views into a larger gradient)."""
+    if dout is None:
+        dout = torch.zeros_like(u)
+    dout = last_contiguous(dout)
+    if dlast is not None:
+        dlast = dlast.contiguous()
+    du = new_like(u) if du is None else du
+    ddelta, dA, dB, dC = (new_like(x) for x in (delta, A, B, C))
+    dD, ddelta_bias, dh0 = (
+        new_like(x) if x is not None else None for x in (D, delta_bias, initial_state)
+    )
+    if z is not None and dz is None:
+        dz = new_like(z)
+    _native.scan_bwd(
+        capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
+        capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
+        capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
+        capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
+        capsule(dh0), bool(delta_softplus), chunk_size_for(u, A.shape[1]), stream_of(u),
+        workspace=capsule(_workspace(u, A, B, C)),
+    )  # fmt: skip
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
 
 def _numpy_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._boundary import capsule, new_empty, require_tensor
+from .._boundary import capsule, ensure_cuda_libs, new_empty, require_tensor, stream_of
 from .._native import DeviceError, DTypeError, ShapeError
 from ..reference import _heads, selective_state_update_ref
 
@@ -18,8 +18,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     semantics of ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``
     (see ``selective_state_update_ref``). Inference only (no autograd).
 
-    CPU tensors run the Rust kernel. CUDA tensors run the PyTorch composition of
-    ``selective_state_update_ref`` for now (a fused CUDA kernel is planned)."""
+    CPU and CUDA tensors run mamba-scan's kernels (float64 on CUDA runs the PyTorch
+    composition ``selective_state_update_ref``). On CUDA, ``state_batch_indices`` stays on the
+    device (no host synchronisation, CUDA-graph capturable) and is not checked by the host: a
+    negative entry is padding (state untouched, output 0), an entry past the state's batch gives
+    a NaN output and touches nothing, and two entries naming one state row are the caller's
+    error (the CPU path refuses them)."""
     args = (state, x, dt, A, B, C, D, z, dt_bias)
     for name, t in zip(_NAMES, args):
         require_tensor(t, name, optional=name in ("D", "z", "dt_bias"))
@@ -40,7 +44,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     devices = {t.device for t in args if t is not None}
     if len(devices) > 1:
         raise DeviceError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
-    if state.is_cuda:
+    if state.is_cuda and any(t is not None and t.dtype == torch.float64 for t in args):
         with torch.no_grad():
             return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias,
                                               dt_softplus, state_batch_indices)  # fmt: skip
@@ -50,6 +54,14 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             f"x: must have shape (batch, dim) or (batch, nheads, dim); got {tuple(x.shape)}"
         )
     out = new_empty(x4.shape, x4.dtype, x4.device)
+    if state.is_cuda:
+        ensure_cuda_libs()
+        _native.state_update_cuda(
+            capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),
+            capsule(D4), capsule(z4), capsule(bias4), capsule(out), bool(dt_softplus),
+            capsule(state_batch_indices), stream_of(state),
+        )  # fmt: skip
+        return out if has_heads else out.squeeze(1)
     idx = None if state_batch_indices is None else state_batch_indices.tolist()
     _native.state_update(
         capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),

@@ -1,0 +1,117 @@
+"""Training step of one Mamba-1 block on the GPU (forward + backward, bf16 autocast over fp32
+weights, as AMP training runs): mamba_scan.Mamba vs mamba_ssm's Mamba (mamba_inner_fn over
+selective_scan_cuda + causal-conv1d, built from their sdists, see anchors.py) vs transformers'
+MambaMixer on its PyTorch path. All hold the same weights; CUDA-event medians after warm-up.
+
+    python benchmarks/bench_train.py [--anchors] [--slow-path] [--out train_block.md]
+
+The transformers row needs a process without the anchors (else transformers may resolve its
+kernels to them). Writes benchmarks/results/<out>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import mamba_scan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [(768, 8, 2048), (2048, 4, 2048)]  # (d_model, batch, seqlen)
+
+
+def cuda_ms(fn, warmup=3, reps=15):
+    for _ in range(warmup):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(reps)]  # fmt: skip
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) for a, b in ev)
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--anchors", action="store_true")
+    ap.add_argument("--slow-path", action="store_true", help="time transformers' torch path too")
+    ap.add_argument("--out", default="train_block.md")
+    args = ap.parse_args()
+    ms = None
+    if args.anchors:
+        try:
+            import anchors
+
+            if "selective_scan_cuda" not in __import__("sys").modules:
+                anchors.build_all()
+            ms = anchors.import_mamba_ssm()
+        except Exception as e:
+            print(f"anchors unavailable: {type(e).__name__}: {str(e)[-1500:]}", flush=True)
+    lines = [
+        f"One Mamba-1 block (d_state 16, d_conv 4, expand 2), forward + backward under bf16 "
+        f"autocast, fp32 weights; CUDA-event median. {torch.cuda.get_device_name()}.",
+        "",
+        "| d_model | batch x seqlen | implementation | fwd ms | fwd+bwd ms | vs mamba-scan |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for d_model, batch, L in SHAPES:
+        torch.manual_seed(0)
+        ours = mamba_scan.Mamba(d_model=d_model, d_state=16, d_conv=4, expand=2).cuda()
+        impls = [("mamba_scan.Mamba", ours)]
+        if ms is not None:
+            theirs = ms.Mamba(d_model=d_model, d_state=16, d_conv=4, expand=2).cuda()
+            theirs.load_state_dict(ours.state_dict())
+            impls.append(("mamba_ssm Mamba (+ causal-conv1d)", theirs))
+        if args.slow_path:
+            from transformers import MambaConfig
+            from transformers.models.mamba import modeling_mamba as mm
+
+            cfg = MambaConfig(hidden_size=d_model, state_size=16, conv_kernel=4, expand=2,
+                              time_step_rank=ours.dt_rank, use_bias=False, use_conv_bias=True)  # fmt: skip
+            # Its PyTorch path: run this in a process without the anchors (nothing for
+            # transformers to resolve its kernels to).
+            mixer = mm.MambaMixer(cfg, layer_idx=0).cuda().train()
+            mixer.load_state_dict(ours.state_dict())
+            impls.append(("transformers MambaMixer (torch path)", mixer))
+        h = torch.randn(batch, L, d_model, device="cuda")
+        gout = torch.randn(batch, L, d_model, device="cuda", dtype=torch.bfloat16)
+        base = None
+        ref_out = None
+        for label, m in impls:
+
+            def fwd(m=m):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return m(h)
+
+            def step(m=m):
+                x = h.clone().requires_grad_()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = m(x)
+                y.backward(gout)
+
+            o = fwd().float()
+            if ref_out is None:
+                ref_out = o
+            else:
+                print(f"  {label}: max |out - mamba-scan out| = {(o - ref_out).abs().max():.3e}")
+            f_ms, fb_ms = cuda_ms(fwd), cuda_ms(step)
+            base = fb_ms if base is None else base
+            row = (f"| {d_model} | {batch} x {L} | {label} | {f_ms:.2f} | {fb_ms:.2f} "
+                   f"| {fb_ms / base:.2f}x |")  # fmt: skip
+            lines.append(row)
+            print(row, flush=True)
+            m.zero_grad(set_to_none=True)
+    text = "\n".join(lines)
+    print(text)
+    out = os.environ.get("BENCH_OUT") or os.path.join(HERE, "results")
+    with open(os.path.join(out, args.out), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

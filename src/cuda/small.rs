@@ -1,0 +1,386 @@
+//! Launches of the small kernels (cuda/small.cu): the decoding step of the selective scan and
+//! the causal conv1d forward, backward and decoding update. The argument checks are the CPU
+//! path's (`cpu::state_update::check`, `cpu::conv1d::check_*`) run for the tensors' CUDA device;
+//! index tensors stay on the device (the kernels treat an out-of-range row as documented in
+//! small.cu instead of the host checking it, which would need a synchronisation).
+
+use super::compile::Program;
+use super::{device_state, driver_err, function, registry};
+use crate::cpu::conv1d::{ConvArgs, ConvGrads, check_backward, check_forward, check_update};
+use crate::cpu::state_update::{UpdateArgs, check};
+use crate::dlpack::{DType, Device, IntView, TensorView};
+use crate::error::{Result, ScanError, device_err, dtype_err, shape_err};
+use crate::params::{ConvParams, StateUpdateParams, TensorRef};
+use cudarc::driver::{result as drv, sys};
+use std::ffi::c_void;
+
+/// Ceiling division of non-negative sizes (i64::div_ceil is unstable).
+fn cdiv(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+fn float_code(t: &TensorView, arg: &str) -> Result<i32> {
+    match t.dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::F64 => Err(dtype_err(
+            arg,
+            "float64 is supported on the CPU only (the shim runs the PyTorch reference for it)",
+        )),
+    }
+}
+
+fn tref(t: &TensorView, arg: &str) -> Result<TensorRef> {
+    let mut r = TensorRef {
+        ptr: t.ptr,
+        dtype: float_code(t, arg)?,
+        ndim: t.ndim() as i32,
+        stride: [0; 4],
+    };
+    for i in 0..t.ndim().min(4) {
+        r.stride[i] = t.stride(i);
+    }
+    Ok(r)
+}
+
+fn opt_ref(t: Option<&TensorView>, arg: &str) -> Result<TensorRef> {
+    t.map_or(Ok(TensorRef::default()), |t| tref(t, arg))
+}
+
+fn int_ref(v: &IntView, arg: &str, want: &[i64], dev: Device) -> Result<TensorRef> {
+    if v.device != dev || v.shape != want {
+        return Err(shape_err(
+            arg,
+            format!(
+                "must be an int32 / int64 tensor of shape {want:?} on {dev}; got {} on {}",
+                v.shape_str(),
+                v.device
+            ),
+        ));
+    }
+    let mut r = TensorRef {
+        ptr: v.ptr,
+        dtype: if v.is64 { 5 } else { 4 },
+        ndim: v.shape.len() as i32,
+        stride: [0; 4],
+    };
+    for i in 0..v.shape.len().min(4) {
+        r.stride[i] = if v.shape[i] == 1 { 0 } else { v.strides[i] };
+    }
+    Ok(r)
+}
+
+fn cuda_ordinal(t: &TensorView, arg: &str) -> Result<i32> {
+    match t.device {
+        Device::Cuda(i) => Ok(i),
+        Device::Cpu => Err(device_err(arg, "expected a CUDA tensor")),
+    }
+}
+
+fn i32_of(v: i64, arg: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| shape_err(arg, format!("size {v} exceeds 2^31 - 1")))
+}
+
+/// Launch `name` of the small-kernel module with one params struct by value.
+fn launch<P>(
+    ordinal: i32,
+    name: &'static str,
+    grid: (u32, u32, u32),
+    block: u32,
+    params: &P,
+    stream: u64,
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
+    let st = device_state(&mut map, ordinal)?;
+    let f = function(st, Program::Small, name)?;
+    // The kernels take the struct by value: the driver wants a pointer to the argument's bytes.
+    let mut args = [params as *const P as *mut c_void];
+    // SAFETY: `f` belongs to the current context; `params` outlives the call (the driver copies
+    // the argument bytes at launch); the stream is the caller's live stream on this device; the
+    // pointers inside `params` were checked against their tensors' shapes by the callers.
+    unsafe {
+        drv::launch_kernel(
+            f,
+            grid,
+            (block, 1, 1),
+            0,
+            stream as sys::CUstream,
+            &mut args,
+        )
+    }
+    .map_err(driver_err(name))
+}
+
+/// One decoding step on CUDA (see `cpu::state_update` for the semantics and shapes).
+pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
+    let ordinal = cuda_ordinal(a.state, "state")?;
+    check(a, a.state.device)?;
+    let s = a.state;
+    let (h, p, n) = (s.shape[1], s.shape[2], s.shape[3]);
+    let bt = a.x.shape[0];
+    if n > 256 {
+        return Err(shape_err(
+            "state",
+            format!("dstate must be <= 256 on CUDA; got {n}"),
+        ));
+    }
+    // Lanes per row: about 4 states each (a quarter of dstate, rounded to a power of two).
+    let pow2 = (n.max(1) as u64).next_power_of_two() as i32;
+    let group = (pow2 / 4).clamp(1, 32);
+    let ns = (n as i32 + group - 1) / group;
+    let (name, _) = [
+        ("state_update_ns1", 1),
+        ("state_update_ns2", 2),
+        ("state_update_ns4", 4),
+        ("state_update_ns8", 8),
+    ]
+    .into_iter()
+    .find(|&(_, k)| ns <= k)
+    .expect("dstate <= 256 gives at most 8 states per lane");
+    let mut idx = TensorRef::default();
+    if let Some(iv) = a.device_indices {
+        idx = int_ref(iv, "state_batch_indices", &[bt], s.device)?;
+    }
+    let prm = StateUpdateParams {
+        batch: i32_of(bt, "x")?,
+        nheads: i32_of(h, "state")?,
+        dim: i32_of(p, "state")?,
+        dstate: n as i32,
+        heads_per_group: (h / a.b.shape[1]) as i32,
+        state_rows: i32_of(s.shape[0], "state")?,
+        dt_softplus: a.dt_softplus as i32,
+        group,
+        state: tref(a.state, "state")?,
+        x: tref(a.x, "x")?,
+        dt: tref(a.dt, "dt")?,
+        a: tref(a.a, "A")?,
+        b: tref(a.b, "B")?,
+        c: tref(a.c, "C")?,
+        d: opt_ref(a.d, "D")?,
+        z: opt_ref(a.z, "z")?,
+        dt_bias: opt_ref(a.dt_bias, "dt_bias")?,
+        out: tref(a.out, "out")?,
+        idx,
+    };
+    let threads = 128i64;
+    let blocks = cdiv(bt * h * p * group as i64, threads);
+    launch(
+        ordinal,
+        name,
+        (i32_of(blocks, "x")? as u32, 1, 1),
+        threads as u32,
+        &prm,
+        stream,
+    )
+}
+
+const CONV_THREADS: i64 = 256;
+const CONV_STEPS: i64 = 4;
+
+fn conv_width(w: i64) -> Result<i32> {
+    if (2..=4).contains(&w) {
+        Ok(w as i32)
+    } else {
+        Err(ScanError::NotImplemented(format!(
+            "weight: width {w} is not supported by the CUDA kernels (2 to 4; the shim runs the \
+             PyTorch reference for others)"
+        )))
+    }
+}
+
+/// Steps per backward tile along seqlen for x's layout.
+fn conv_tile_steps(x: &TensorView) -> i64 {
+    if l_fast(x) {
+        32 * CONV_STEPS
+    } else {
+        (CONV_THREADS / 32) * CONV_STEPS
+    }
+}
+
+fn l_fast(x: &TensorView) -> bool {
+    x.stride(2) == 1 || x.stride(1) != 1
+}
+
+/// fp32 elements of the backward's workspace.
+pub fn conv_bwd_workspace_elems(x: &TensorView, width: i64) -> i64 {
+    let (b, d, l) = (x.shape[0], x.shape[1], x.shape[2]);
+    b * cdiv(l, conv_tile_steps(x)).max(1) * d * (width + 1)
+}
+
+fn conv_params(a: &ConvArgs, seq: Option<&IntView>) -> Result<ConvParams> {
+    let (b, d, l) = (a.x.shape[0], a.x.shape[1], a.x.shape[2]);
+    let w = a.weight.shape[1];
+    if b > 65535 {
+        return Err(shape_err("x", format!("batch {b} exceeds 65535")));
+    }
+    i32_of(d * l, "x")?;
+    let mut seq_idx = TensorRef::default();
+    if let Some(s) = seq {
+        seq_idx = int_ref(s, "seq_idx", &[b, l], a.x.device)?;
+    }
+    Ok(ConvParams {
+        batch: b as i32,
+        dim: d as i32,
+        seqlen: l as i32,
+        width: conv_width(w)?,
+        silu: a.silu as i32,
+        l_fast: l_fast(a.x) as i32,
+        n_ltiles: cdiv(l, conv_tile_steps(a.x)).max(1) as i32,
+        x: tref(a.x, "x")?,
+        weight: tref(a.weight, "weight")?,
+        bias: opt_ref(a.bias, "bias")?,
+        seq_idx,
+        initial: opt_ref(a.initial_states, "initial_states")?,
+        ..Default::default()
+    })
+}
+
+fn conv_entry(kind: &str, p: &ConvParams) -> &'static str {
+    let i = (p.x.dtype * 3 + p.width - 2) as usize;
+    let fwd = &super::compile::SMALL_ENTRIES[4..13];
+    let bwd = &super::compile::SMALL_ENTRIES[13..22];
+    if kind == "fwd" { fwd[i] } else { bwd[i] }
+}
+
+/// Causal conv1d forward on CUDA.
+pub fn conv_forward(
+    a: &ConvArgs,
+    seq: Option<&IntView>,
+    out: &TensorView,
+    final_states: Option<&TensorView>,
+    stream: u64,
+) -> Result<()> {
+    let ordinal = cuda_ordinal(a.x, "x")?;
+    check_forward(a, out, final_states, a.x.device)?;
+    let mut p = conv_params(a, seq)?;
+    p.out = tref(out, "out")?;
+    p.final_states = opt_ref(final_states, "final_states_out")?;
+    let blocks = cdiv(p.dim as i64 * p.seqlen as i64, CONV_THREADS);
+    launch(
+        ordinal,
+        conv_entry("fwd", &p),
+        (blocks as u32, p.batch as u32, 1),
+        CONV_THREADS as u32,
+        &p,
+        stream,
+    )
+}
+
+/// Causal conv1d backward on CUDA: `workspace` holds `conv_bwd_workspace_elems` fp32 values.
+pub fn conv_backward(
+    a: &ConvArgs,
+    seq: Option<&IntView>,
+    g: &ConvGrads,
+    workspace: &TensorView,
+    stream: u64,
+) -> Result<()> {
+    let ordinal = cuda_ordinal(a.x, "x")?;
+    check_backward(a, g, a.x.device)?;
+    let mut p = conv_params(a, seq)?;
+    let need = conv_bwd_workspace_elems(a.x, a.weight.shape[1]);
+    if workspace.dtype != DType::F32
+        || workspace.device != a.x.device
+        || workspace.numel() < need
+        || workspace.ndim() != 1
+        || workspace.stride(0) > 1
+    {
+        return Err(shape_err(
+            "workspace",
+            format!("must be a contiguous float32 tensor of >= {need} elements on x's device"),
+        ));
+    }
+    workspace.require_writable("workspace")?;
+    if p.dim == 0 || p.batch == 0 {
+        return Ok(());
+    }
+    p.dout = tref(g.dout, "dout")?;
+    p.dfinal = opt_ref(g.dfinal, "dfinal_states")?;
+    p.dx = tref(g.dx, "dx")?;
+    p.dweight = tref(g.dweight, "dweight")?;
+    p.dbias = opt_ref(g.dbias, "dbias")?;
+    p.dinitial = opt_ref(g.dinitial, "dinitial_states")?;
+    p.workspace_ptr = workspace.ptr;
+    let td = if p.l_fast != 0 { 8 } else { 32 };
+    let dtiles = cdiv(p.dim as i64, td);
+    launch(
+        ordinal,
+        conv_entry("bwd", &p),
+        (
+            i32_of(dtiles * p.n_ltiles as i64, "x")? as u32,
+            p.batch as u32,
+            1,
+        ),
+        CONV_THREADS as u32,
+        &p,
+        stream,
+    )?;
+    let total = p.dim as i64 * (p.width as i64 + 1);
+    launch(
+        ordinal,
+        "conv_bwd_reduce",
+        (cdiv(total, 256) as u32, 1, 1),
+        256,
+        &p,
+        stream,
+    )
+}
+
+/// Decoding update of the causal convolution on CUDA.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_update(
+    x: &TensorView,
+    state: &TensorView,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+    silu: bool,
+    cache_seqlens: Option<&IntView>,
+    indices: Option<&IntView>,
+    out: &TensorView,
+    stream: u64,
+) -> Result<()> {
+    let ordinal = cuda_ordinal(x, "x")?;
+    let dev = x.device;
+    let lens = [
+        cache_seqlens.map(|v| v.shape.iter().product::<i64>()),
+        indices.map(|v| v.shape.iter().product::<i64>()),
+    ];
+    let (b, d, l, w) = check_update(x, state, weight, bias, out, dev, lens)?;
+    state.require_writable("conv_state")?;
+    if state.shape[2] == 0 {
+        return Err(shape_err("conv_state", "state_len must be >= 1 on CUDA"));
+    }
+    let mut p = ConvParams {
+        batch: i32_of(b, "x")?,
+        dim: i32_of(d, "x")?,
+        seqlen: i32_of(l, "x")?,
+        width: i32_of(w, "weight")?,
+        silu: silu as i32,
+        state_len: i32_of(state.shape[2], "conv_state")?,
+        state_rows: i32_of(state.shape[0], "conv_state")?,
+        x: tref(x, "x")?,
+        weight: tref(weight, "weight")?,
+        bias: opt_ref(bias, "bias")?,
+        out: tref(out, "out")?,
+        conv_state: tref(state, "conv_state")?,
+        ..Default::default()
+    };
+    if let Some(v) = cache_seqlens {
+        p.cache_seqlens = int_ref(v, "cache_seqlens", &[b], dev)?;
+    }
+    if let Some(v) = indices {
+        p.state_idx = int_ref(v, "conv_state_indices", &[b], dev)?;
+    }
+    let total = b * d;
+    launch(
+        ordinal,
+        "conv_update",
+        (i32_of(cdiv(total, 128), "x")? as u32, 1, 1),
+        128,
+        &p,
+        stream,
+    )
+}
