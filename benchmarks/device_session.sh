@@ -1,0 +1,34 @@
+#!/bin/bash
+# What one device call runs for the small kernels (issue 4): install the wheel carried in
+# wheels/, build the anchors in the background, GPU tests, compute-sanitizer, benchmarks.
+# Logs and tables go to $OUT (then into benchmarks/results/).
+#   bash benchmarks/device_session.sh [tests|bench|all]
+set -o pipefail
+export PYTHONUNBUFFERED=1
+what=${1:-all}
+python -m pip install -q --no-deps --no-index --upgrade --target /tmp/site wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/benchmarks
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ "$what" != tests ]; then
+  (python -c "import anchors; anchors.build_all()" > "$OUT/anchor_build.log" 2>&1) &
+fi
+if [ "$what" != bench ]; then
+  timeout 300 python -m pytest -q -x tests/test_cuda_small.py tests/test_conv1d.py \
+    tests/test_state_update.py tests/test_mamba_module.py tests/test_patch.py tests/test_ddp.py \
+    2>&1 | tee "$OUT/pytest_small_cuda.log" | tail -4
+  timeout 200 python -m pytest -q tests/test_cuda.py -k "graph or stream or determin or agree" \
+    2>&1 | tee "$OUT/pytest_scan_subset.log" | tail -2
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool python benchmarks/cuda_small_run.py \
+      > "$OUT/sanitizer_small_$tool.log" 2>&1
+    tail -2 "$OUT/sanitizer_small_$tool.log"
+  done
+fi
+wait
+tail -3 "$OUT/anchor_build.log" 2>/dev/null
+if [ "$what" != tests ]; then
+  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_decode.py --anchors 2>&1 | tail -30
+  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --anchors 2>&1 | tail -12
+  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --slow-path --out train_block_slow.md 2>&1 | tail -8
+fi
