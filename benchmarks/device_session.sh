@@ -14,7 +14,7 @@ if [ "$what" != tests ]; then
   (python -c "import anchors; anchors.build_all()" > "$OUT/anchor_build.log" 2>&1) &
 fi
 if [ "$what" != bench ]; then
-  timeout 300 python -m pytest -q -x tests/test_cuda_small.py tests/test_conv1d.py \
+  timeout 300 python -m pytest -q -rf tests/test_cuda_small.py tests/test_conv1d.py \
     tests/test_state_update.py tests/test_mamba_module.py tests/test_patch.py tests/test_ddp.py \
     2>&1 | tee "$OUT/pytest_small_cuda.log" | tail -4
   timeout 200 python -m pytest -q tests/test_cuda.py -k "graph or stream or determin or agree" \
