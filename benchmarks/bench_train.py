@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--anchors", action="store_true")
     ap.add_argument("--slow-path", action="store_true", help="time transformers' torch path too")
     ap.add_argument("--out", default="train_block.md")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--d-models", default="768,2048", help="subset of the shapes, by d_model")
     args = ap.parse_args()
     ms = None
     if args.anchors:
@@ -59,7 +61,8 @@ def main():
         "| d_model | batch x seqlen | implementation | fwd ms | fwd+bwd ms | vs mamba-scan |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for d_model, batch, L in SHAPES:
+    keep = {int(x) for x in args.d_models.split(",")}
+    for d_model, batch, L in [s for s in SHAPES if s[0] in keep]:
         torch.manual_seed(0)
         ours = mamba_scan.Mamba(d_model=d_model, d_state=16, d_conv=4, expand=2).cuda()
         impls = [("mamba_scan.Mamba", ours)]
@@ -99,7 +102,8 @@ def main():
                 ref_out = o
             else:
                 print(f"  {label}: max |out - mamba-scan out| = {(o - ref_out).abs().max():.3e}")
-            f_ms, fb_ms = cuda_ms(fwd), cuda_ms(step)
+            f_ms = cuda_ms(fwd, warmup=2, reps=args.reps)
+            fb_ms = cuda_ms(step, warmup=2, reps=args.reps)
             base = fb_ms if base is None else base
             row = (f"| {d_model} | {batch} x {L} | {label} | {f_ms:.2f} | {fb_ms:.2f} "
                    f"| {fb_ms / base:.2f}x |")  # fmt: skip

@@ -33,26 +33,21 @@ __device__ __forceinline__ long long off3(const TensorRef& t, long long i, long 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 
 // ---------------------------------------------------------------------------------------------
-// selective_state_update: `group` lanes per (batch, head, channel) row, lane j owning states
-// j, j + group, ... (kNS of them): each load instruction of a warp reads whole rows of the
-// (contiguous) state. The row's output is a shuffle sum over its lanes.
-template <int kNS>
+// selective_state_update: kG lanes per (batch, head, channel) row, lane j owning states
+// j, j + kG, ... (kNS of them): each load instruction of a warp reads whole rows of the
+// (contiguous) state. The row's output is a shuffle sum over its lanes. Grid: x over channel
+// tiles, y heads, z batch: no index divisions.
+template <int kG, int kNS>
 __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
-    const int g = p.group;
-    const long long rows = (long long)p.batch * p.nheads * p.dim;
-    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / g;
-    const int lane = threadIdx.x % g;
-    // Lanes past the last row still take part in the shuffles (with zeros), so that every
-    // lane of a group reaches them.
-    const bool live = row < rows;
-    const long long r = live ? row : 0;
-    const int pi = (int)(r % p.dim);
-    const int hi = (int)((r / p.dim) % p.nheads);
-    const long long bi = r / ((long long)p.dim * p.nheads);
+    const int pi = blockIdx.x * (blockDim.x / kG) + threadIdx.x / kG;
+    const int hi = blockIdx.y, bi = blockIdx.z;
+    const int lane = threadIdx.x % kG;
+    // Lanes past the last channel still take part in the shuffles (with zeros).
+    const bool live = pi < p.dim;
     long long si = bi;
     bool pad = false, bad = false;
     if (p.idx.ptr) {
-        si = ld_int(p.idx, bi * p.idx.stride[0]);
+        si = ld_int(p.idx, (long long)bi * p.idx.stride[0]);
         pad = si < 0;
         bad = si >= p.state_rows;
     }
@@ -64,16 +59,15 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
         float dt = ld_any(p.dt, off3(p.dt, bi, hi, pi));
         if (p.dt_bias.ptr) dt += ld_any(p.dt_bias, off2(p.dt_bias, hi, pi));
         if (p.dt_softplus) dt = softplus_f(dt);
-        const float dtx = dt * xv;
+        const float dtx = dt * xv, dtl = dt * LOG2E_F;
         const long long so = si * p.state.stride[0] + hi * p.state.stride[1] + pi * p.state.stride[2];
         const long long ao = off2(p.a, hi, pi);
         const long long bo = off2(p.b, bi, gi), co = off2(p.c, bi, gi);
         float hv[kNS], av[kNS], bv[kNS], cv[kNS];
-        // All loads first, then the arithmetic: the loads of a lane's states are in flight
-        // together.
+        // All loads first, then the arithmetic: a lane's loads are in flight together.
 #pragma unroll
         for (int s = 0; s < kNS; ++s) {
-            const int n = lane + s * g;
+            const int n = lane + s * kG;
             if (n < p.dstate) {
                 hv[s] = ld_any(p.state, so + n * p.state.stride[3]);
                 av[s] = ld_any(p.a, ao + n * p.a.stride[2]);
@@ -83,15 +77,16 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
         }
 #pragma unroll
         for (int s = 0; s < kNS; ++s) {
-            const int n = lane + s * g;
+            const int n = lane + s * kG;
             if (n < p.dstate) {
-                const float h = expf(av[s] * dt) * hv[s] + bv[s] * dtx;
+                const float h = ex2(av[s] * dtl) * hv[s] + bv[s] * dtx;
                 st_any(p.state, so + n * p.state.stride[3], h);
                 acc += cv[s] * h;
             }
         }
     }
-    for (int m = g >> 1; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+#pragma unroll
+    for (int m = kG >> 1; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     if (!live || lane != 0) return;
     float o;
     if (pad) {
@@ -109,10 +104,14 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
     st_any(p.out, off3(p.out, bi, hi, pi), o);
 }
 
-extern "C" __global__ void state_update_ns1(const StateUpdateParams p) { state_update_impl<1>(p); }
-extern "C" __global__ void state_update_ns2(const StateUpdateParams p) { state_update_impl<2>(p); }
-extern "C" __global__ void state_update_ns4(const StateUpdateParams p) { state_update_impl<4>(p); }
-extern "C" __global__ void state_update_ns8(const StateUpdateParams p) { state_update_impl<8>(p); }
+// (lanes per row, states per lane): dstate <= 4, 8, 16, 32, 64, 128, 256.
+extern "C" __global__ void state_update_g1(const StateUpdateParams p) { state_update_impl<1, 4>(p); }
+extern "C" __global__ void state_update_g2(const StateUpdateParams p) { state_update_impl<2, 4>(p); }
+extern "C" __global__ void state_update_g4(const StateUpdateParams p) { state_update_impl<4, 4>(p); }
+extern "C" __global__ void state_update_g8(const StateUpdateParams p) { state_update_impl<8, 4>(p); }
+extern "C" __global__ void state_update_g16(const StateUpdateParams p) { state_update_impl<16, 4>(p); }
+extern "C" __global__ void state_update_g32(const StateUpdateParams p) { state_update_impl<32, 4>(p); }
+extern "C" __global__ void state_update_g32x8(const StateUpdateParams p) { state_update_impl<32, 8>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // causal conv1d. Tap k of output step t reads xp[t + k] of the padded row
@@ -128,157 +127,193 @@ __device__ __forceinline__ void stx(const TensorRef& t, long long off, float v) 
     ((typename InType<kT>::t*)t.ptr)[off] = from_f<kT>(v);
 }
 
-// xp[t + k] for tap k of step t (0 where masked).
-template <int kT, int kW>
-__device__ __forceinline__ float tap(const ConvParams& p, int b, int d, int t, int k, long long seq_t) {
-    const int src = t - (kW - 1 - k);
-    if (src < 0) {
-        return p.initial.ptr ? ld_any(p.initial, off3(p.initial, b, d, kW - 1 + src)) : 0.f;
-    }
-    if (p.seq_idx.ptr && ld_int(p.seq_idx, off2(p.seq_idx, b, src)) != seq_t) return 0.f;
-    return ldx<kT>(p.x, off3(p.x, b, d, src));
+// Each thread owns kSeg consecutive steps of one channel and slides a register window over
+// its inputs, so every input is loaded once and every pre-activation computed once. Blocks
+// are tiles of 8 channels x 32 segments (x channel-first: a warp runs along one channel's
+// steps) or 32 channels x 8 segments (channel-last: a warp's loads are 32 adjacent channels).
+constexpr int kConvThreads = 256;
+constexpr int kSeg = 8;
+
+struct ConvTile {
+    int b, d, t0, dtile, ltile, td;
+};
+
+__device__ __forceinline__ ConvTile conv_tile(const ConvParams& p) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    ConvTile c;
+    c.td = p.l_fast ? kConvThreads / 32 : 32;
+    const int tl = (p.l_fast ? 32 : kConvThreads / 32) * kSeg;
+    c.dtile = blockIdx.x / p.n_ltiles;
+    c.ltile = blockIdx.x % p.n_ltiles;
+    c.b = blockIdx.y;
+    c.d = c.dtile * c.td + (p.l_fast ? warp : lane);
+    c.t0 = c.ltile * tl + (p.l_fast ? lane : warp) * kSeg;
+    return c;
 }
 
-template <int kT, int kW>
-__device__ __forceinline__ float pre_act(const ConvParams& p, int b, int d, int t, const float (&w)[kW], float bias) {
-    const long long seq_t = p.seq_idx.ptr ? ld_int(p.seq_idx, off2(p.seq_idx, b, t)) : 0;
-    float acc = bias;
+// The padded inputs xp[src] for src = t0 - (W - 1) + j, j < kN (initial states before step 0,
+// zeros past the end), and with seq_idx their sequence ids (-1 before step 0; kept as 32-bit:
+// ids of one batch row are sequence numbers, far below 2^31).
+template <int kT, int kW, int kN>
+__device__ __forceinline__ void load_window(const ConvParams& p, const ConvTile& c, float (&xw)[kN],
+                                            int (&sw)[kN]) {
+    const long long xo = (long long)c.b * p.x.stride[0] + (long long)c.d * p.x.stride[1];
 #pragma unroll
-    for (int k = 0; k < kW; ++k) acc += w[k] * tap<kT, kW>(p, b, d, t, k, seq_t);
-    return acc;
+    for (int j = 0; j < kN; ++j) {
+        const int src = c.t0 - (kW - 1) + j;
+        float v = 0.f;
+        int sq = -1;
+        if (src >= 0 && src < p.seqlen) {
+            v = ldx<kT>(p.x, xo + (long long)src * p.x.stride[2]);
+            if (p.seq_idx.ptr) sq = (int)ld_int(p.seq_idx, off2(p.seq_idx, c.b, src));
+        } else if (src < 0 && p.initial.ptr) {
+            v = ld_any(p.initial, off3(p.initial, c.b, c.d, kW - 1 + src));
+        }
+        xw[j] = v;
+        sw[j] = sq;
+    }
 }
 
-// Thread -> (channel, step) of batch entry blockIdx.y, along the dimension in which x is
-// contiguous so that a warp's loads and stores coalesce.
-__device__ __forceinline__ void conv_coords(const ConvParams& p, long long i, int& d, int& t) {
-    if (p.l_fast) {
-        d = (int)(i / p.seqlen);
-        t = (int)(i % p.seqlen);
-    } else {
-        t = (int)(i / p.dim);
-        d = (int)(i % p.dim);
-    }
+// Tap k of the step at window index o + kW - 1 reads window index o + k.
+template <int kW, int kN>
+__device__ __forceinline__ bool tap_ok(const ConvParams& p, const int (&sw)[kN], int o, int k) {
+    return !p.seq_idx.ptr || (sw[o + k] >= 0 && sw[o + k] == sw[o + kW - 1]);
 }
 
 template <int kT, int kW>
 __device__ __forceinline__ void conv_fwd_impl(const ConvParams& p) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)p.dim * p.seqlen) return;
-    const int b = blockIdx.y;
-    int d, t;
-    conv_coords(p, i, d, t);
+    const ConvTile c = conv_tile(p);
+    if (c.d >= p.dim || c.t0 >= p.seqlen) return;
+    constexpr int kN = kSeg + kW - 1;
     float w[kW];
 #pragma unroll
-    for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, d, k));
-    const float bias = p.bias.ptr ? ld_any(p.bias, d * p.bias.stride[0]) : 0.f;
-    float v = pre_act<kT, kW>(p, b, d, t, w, bias);
-    if (p.silu) v *= sigmoid_f(v);
-    stx<kT>(p.out, off3(p.out, b, d, t), v);
+    for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, c.d, k));
+    const float bias = p.bias.ptr ? ld_any(p.bias, (long long)c.d * p.bias.stride[0]) : 0.f;
+    float xw[kN];
+    int sw[kN];
+    load_window<kT, kW, kN>(p, c, xw, sw);
+    const long long oo = (long long)c.b * p.out.stride[0] + (long long)c.d * p.out.stride[1];
+#pragma unroll
+    for (int o = 0; o < kSeg; ++o) {
+        const int t = c.t0 + o;
+        if (t >= p.seqlen) break;
+        float acc = bias;
+#pragma unroll
+        for (int k = 0; k < kW; ++k)
+            if (tap_ok<kW, kN>(p, sw, o, k)) acc += w[k] * xw[o + k];
+        if (p.silu) acc *= sigmoid_f(acc);
+        stx<kT>(p.out, oo + (long long)t * p.out.stride[2], acc);
+    }
     if (p.final_states.ptr) {
         // final[j] = xp[L + j]: the last W - 1 inputs, reaching into the initial states when
-        // L < W - 1 (written by step 0's thread).
-        const int j = t - (p.seqlen - (kW - 1));
-        if (j >= 0) st_any(p.final_states, off3(p.final_states, b, d, j), ldx<kT>(p.x, off3(p.x, b, d, t)));
-        if (t == 0) {
+        // L < W - 1 (those written by the first segment's thread).
+#pragma unroll
+        for (int o = 0; o < kSeg; ++o) {
+            const int t = c.t0 + o;
+            const int j = t - (p.seqlen - (kW - 1));
+            if (t < p.seqlen && j >= 0)
+                st_any(p.final_states, off3(p.final_states, c.b, c.d, j), xw[o + kW - 1]);
+        }
+        if (c.t0 == 0) {
             for (int jj = 0; jj < kW - 1 - p.seqlen; ++jj) {
-                const float h = p.initial.ptr ? ld_any(p.initial, off3(p.initial, b, d, p.seqlen + jj)) : 0.f;
-                st_any(p.final_states, off3(p.final_states, b, d, jj), h);
+                const float h = p.initial.ptr ? ld_any(p.initial, off3(p.initial, c.b, c.d, p.seqlen + jj)) : 0.f;
+                st_any(p.final_states, off3(p.final_states, c.b, c.d, jj), h);
             }
         }
     }
 }
 
-// Backward, per thread a few steps of one channel (a tile of 8 channels x 128 steps when x is
-// channel-first, 32 x 32 when channel-last). g[t] = dout[t] * act'(pre[t]) is recomputed for
-// the W steps t..t+W-1 that step t's input feeds. dweight / dbias partial sums of the tile are
-// summed in shared memory in a fixed order and written to the workspace; conv_bwd_reduce adds
-// the tiles in a fixed order: deterministic, no atomics.
-constexpr int kConvThreads = 256;
-constexpr int kConvSteps = 4;
-
-template <int kT, int kW>
-__device__ __forceinline__ float grad_pre(const ConvParams& p, int b, int d, int t, const float (&w)[kW], float bias) {
-    const float go = ldx<kT>(p.dout, off3(p.dout, b, d, t));
-    if (!p.silu) return go;
-    const float pre = pre_act<kT, kW>(p, b, d, t, w, bias);
-    const float s = sigmoid_f(pre);
-    return go * s * (1.f + pre * (1.f - s));
-}
-
+// Backward. g[u] = dout[u] * act'(pre[u]) for the kSeg + W - 1 steps u = t0 .. that the
+// segment's inputs feed; dx[t] = sum_j w[W - 1 - j] g[t + j] (same sequence only). dweight /
+// dbias partial sums of the tile are summed in shared memory in a fixed order and written to
+// the workspace; conv_bwd_reduce adds the tiles in a fixed order: deterministic, no atomics.
 template <int kT, int kW>
 __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
     __shared__ float red[kConvThreads][kW + 1];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int td = p.l_fast ? kConvThreads / 32 : 32;     // channels per tile
-    const int tl = p.l_fast ? 32 * kConvSteps : (kConvThreads / 32) * kConvSteps;  // steps
-    const int dtile = blockIdx.x / p.n_ltiles, ltile = blockIdx.x % p.n_ltiles;
-    const int b = blockIdx.y;
-    const int d = dtile * td + (p.l_fast ? warp : lane);
+    const ConvTile c = conv_tile(p);
+    constexpr int kG = kSeg + kW - 1;      // steps with a gradient g
+    constexpr int kN = kG + kW - 1;        // their input window
     float dw[kW + 1];
 #pragma unroll
     for (int k = 0; k <= kW; ++k) dw[k] = 0.f;
-    if (d < p.dim) {
+    const int L = p.seqlen;
+    if (c.d < p.dim && c.t0 < L) {
         float w[kW];
 #pragma unroll
-        for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, d, k));
-        const float bias = p.bias.ptr ? ld_any(p.bias, d * p.bias.stride[0]) : 0.f;
-        const int L = p.seqlen;
-        for (int s = 0; s < kConvSteps; ++s) {
-            const int t = ltile * tl + (p.l_fast ? lane + 32 * s : warp + (kConvThreads / 32) * s);
-            if (t >= L) continue;
-            // g at the steps t + W - 1 - k that read x[t] through tap k (same sequence only).
-            const long long seq_t = p.seq_idx.ptr ? ld_int(p.seq_idx, off2(p.seq_idx, b, t)) : 0;
-            float g[kW];
+        for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, c.d, k));
+        const float bias = p.bias.ptr ? ld_any(p.bias, (long long)c.d * p.bias.stride[0]) : 0.f;
+        float xw[kN];
+        int sw[kN];
+        load_window<kT, kW, kN>(p, c, xw, sw);
+        const long long go = (long long)c.b * p.dout.stride[0] + (long long)c.d * p.dout.stride[1];
+        float g[kG];
 #pragma unroll
-            for (int j = 0; j < kW; ++j) {
-                const int u = t + j;
-                bool ok = u < L;
-                if (ok && j > 0 && p.seq_idx.ptr) ok = ld_int(p.seq_idx, off2(p.seq_idx, b, u)) == seq_t;
-                g[j] = ok ? grad_pre<kT, kW>(p, b, d, u, w, bias) : 0.f;
+        for (int o = 0; o < kG; ++o) {
+            const int u = c.t0 + o;
+            float gv = 0.f;
+            if (u < L) {
+                gv = ldx<kT>(p.dout, go + (long long)u * p.dout.stride[2]);
+                if (p.silu) {
+                    float pre = bias;
+#pragma unroll
+                    for (int k = 0; k < kW; ++k)
+                        if (tap_ok<kW, kN>(p, sw, o, k)) pre += w[k] * xw[o + k];
+                    const float sg = sigmoid_f(pre);
+                    gv *= sg * (1.f + pre * (1.f - sg));
+                }
             }
+            g[o] = gv;
+        }
+        const long long dxo = (long long)c.b * p.dx.stride[0] + (long long)c.d * p.dx.stride[1];
+#pragma unroll
+        for (int o = 0; o < kSeg; ++o) {
+            const int t = c.t0 + o;
+            if (t >= L) break;
+            // x[t] sits at window index o + kW - 1; step t + j reads it through tap W - 1 - j.
             float dx = 0.f;
 #pragma unroll
-            for (int j = 0; j < kW; ++j) dx += w[kW - 1 - j] * g[j];
+            for (int j = 0; j < kW; ++j)
+                if (tap_ok<kW, kN>(p, sw, o + j, kW - 1 - j)) dx += w[kW - 1 - j] * g[o + j];
             if (p.dfinal.ptr) {
                 const int jf = t - (L - (kW - 1));
-                if (jf >= 0) dx += ld_any(p.dfinal, off3(p.dfinal, b, d, jf));
+                if (jf >= 0) dx += ld_any(p.dfinal, off3(p.dfinal, c.b, c.d, jf));
             }
-            stx<kT>(p.dx, off3(p.dx, b, d, t), dx);
-            // dweight[k] += g[t] * xp[t + k], dbias += g[t].
+            stx<kT>(p.dx, dxo + (long long)t * p.dx.stride[2], dx);
 #pragma unroll
-            for (int k = 0; k < kW; ++k) dw[k] += g[0] * tap<kT, kW>(p, b, d, t, k, seq_t);
-            dw[kW] += g[0];
-            if (t == 0 && p.dinitial.ptr) {
-                // dinitial[i] = sum_{t' <= i, t' < L} w[i - t'] g[t'] (+ dfinal[i - L] when the
-                // final states reach into the initial ones); g[0..W-1] are at hand.
-                for (int i = 0; i < kW - 1; ++i) {
-                    float v = 0.f;
+            for (int k = 0; k < kW; ++k)
+                if (tap_ok<kW, kN>(p, sw, o, k)) dw[k] += g[o] * xw[o + k];
+            dw[kW] += g[o];
+        }
+        if (c.t0 == 0 && p.dinitial.ptr) {
+            // dinitial[i] = sum_{t <= i, t < L} w[i - t] g[t] (+ dfinal[i - L] when the final
+            // states reach into the initial ones).
 #pragma unroll
-                    for (int j = 0; j < kW - 1; ++j)
-                        if (j <= i) v += w[i - j] * g[j];
-                    if (p.dfinal.ptr && i >= L) v += ld_any(p.dfinal, off3(p.dfinal, b, d, i - L));
-                    st_any(p.dinitial, off3(p.dinitial, b, d, i), v);
-                }
+            for (int i = 0; i < kW - 1; ++i) {
+                float v = 0.f;
+#pragma unroll
+                for (int j = 0; j <= i; ++j) v += w[i - j] * g[j];
+                if (p.dfinal.ptr && i >= L) v += ld_any(p.dfinal, off3(p.dfinal, c.b, c.d, i - L));
+                st_any(p.dinitial, off3(p.dinitial, c.b, c.d, i), v);
             }
         }
     }
 #pragma unroll
     for (int k = 0; k <= kW; ++k) red[threadIdx.x][k] = dw[k];
     __syncthreads();
-    if (threadIdx.x < td) {
-        const int c = threadIdx.x, dc = dtile * td + c;
+    if (threadIdx.x < c.td) {
+        const int ch = threadIdx.x, dc = c.dtile * c.td + ch;
         float sum[kW + 1];
 #pragma unroll
         for (int k = 0; k <= kW; ++k) sum[k] = 0.f;
-        for (int m = 0; m < 32 && m < kConvThreads; ++m) {
-            const int src = p.l_fast ? c * 32 + m : m * 32 + c;
-            if (src >= kConvThreads) break;
+        const int members = p.l_fast ? 32 : kConvThreads / 32;
+        for (int m = 0; m < members; ++m) {
+            const int src = p.l_fast ? ch * 32 + m : m * 32 + ch;
 #pragma unroll
             for (int k = 0; k <= kW; ++k) sum[k] += red[src][k];
         }
         if (dc < p.dim) {
             float* ws = (float*)p.workspace_ptr +
-                        ((long long)(b * p.n_ltiles + ltile) * p.dim + dc) * (kW + 1);
+                        ((long long)(c.b * p.n_ltiles + c.ltile) * p.dim + dc) * (kW + 1);
 #pragma unroll
             for (int k = 0; k <= kW; ++k) ws[k] = sum[k];
         }
@@ -287,7 +322,7 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
 
 #define CONV_ENTRIES(T, W)                                                                      \
     extern "C" __global__ void conv_fwd_t##T##_w##W(const ConvParams p) { conv_fwd_impl<T, W>(p); } \
-    extern "C" __global__ void __launch_bounds__(kConvThreads)                                  \
+    extern "C" __global__ void __launch_bounds__(kConvThreads, 1)                               \
         conv_bwd_t##T##_w##W(const ConvParams p) { conv_bwd_impl<T, W>(p); }
 CONV_ENTRIES(0, 2)
 CONV_ENTRIES(0, 3)
@@ -321,9 +356,8 @@ extern "C" __global__ void conv_bwd_reduce(const ConvParams p) {
 // cache_seqlens[b]. A negative state index is padding (state untouched, out 0); one past the
 // state's rows gives NaN outputs and touches nothing.
 extern "C" __global__ void conv_update(const ConvParams p) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)p.batch * p.dim) return;
-    const int b = (int)(i / p.dim), d = (int)(i % p.dim);
+    const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+    if (d >= p.dim) return;
     const int W = p.width, L = p.seqlen, S = p.state_len;
     long long si = b;
     if (p.state_idx.ptr) si = ld_int(p.state_idx, b * p.state_idx.stride[0]);

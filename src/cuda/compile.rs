@@ -25,10 +25,13 @@ pub enum Program {
 
 /// Entry points of the small-kernel module.
 pub const SMALL_ENTRIES: &[&str] = &[
-    "state_update_ns1",
-    "state_update_ns2",
-    "state_update_ns4",
-    "state_update_ns8",
+    "state_update_g1",
+    "state_update_g2",
+    "state_update_g4",
+    "state_update_g8",
+    "state_update_g16",
+    "state_update_g32",
+    "state_update_g32x8",
     "conv_fwd_t0_w2",
     "conv_fwd_t0_w3",
     "conv_fwd_t0_w4",

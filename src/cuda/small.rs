@@ -128,19 +128,20 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
             format!("dstate must be <= 256 on CUDA; got {n}"),
         ));
     }
-    // Lanes per row: about 4 states each (a quarter of dstate, rounded to a power of two).
-    let pow2 = (n.max(1) as u64).next_power_of_two() as i32;
-    let group = (pow2 / 4).clamp(1, 32);
-    let ns = (n as i32 + group - 1) / group;
-    let (name, _) = [
-        ("state_update_ns1", 1),
-        ("state_update_ns2", 2),
-        ("state_update_ns4", 4),
-        ("state_update_ns8", 8),
+    // Lanes per row (4 states each; 8 at dstate > 128): a kernel per size class.
+    let (name, group) = [
+        ("state_update_g1", 1, 4),
+        ("state_update_g2", 2, 8),
+        ("state_update_g4", 4, 16),
+        ("state_update_g8", 8, 32),
+        ("state_update_g16", 16, 64),
+        ("state_update_g32", 32, 128),
+        ("state_update_g32x8", 32, 256),
     ]
     .into_iter()
-    .find(|&(_, k)| ns <= k)
-    .expect("dstate <= 256 gives at most 8 states per lane");
+    .find(|&(_, _, cap)| n <= cap)
+    .map(|(name, g, _)| (name, g))
+    .expect("dstate <= 256");
     let mut idx = TensorRef::default();
     if let Some(iv) = a.device_indices {
         idx = int_ref(iv, "state_batch_indices", &[bt], s.device)?;
@@ -166,12 +167,18 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
         out: tref(a.out, "out")?,
         idx,
     };
+    if bt > 65535 || h > 65535 {
+        return Err(shape_err(
+            "x",
+            format!("batch ({bt}) and nheads ({h}) must be <= 65535 on CUDA"),
+        ));
+    }
     let threads = 128i64;
-    let blocks = cdiv(bt * h * p * group as i64, threads);
+    let rows_per_block = threads / group as i64;
     launch(
         ordinal,
         name,
-        (i32_of(blocks, "x")? as u32, 1, 1),
+        (cdiv(p, rows_per_block) as u32, h as u32, bt as u32),
         threads as u32,
         &prm,
         stream,
@@ -179,7 +186,8 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
 }
 
 const CONV_THREADS: i64 = 256;
-const CONV_STEPS: i64 = 4;
+/// Steps per thread (kSeg in small.cu).
+const CONV_STEPS: i64 = 8;
 
 fn conv_width(w: i64) -> Result<i32> {
     if (2..=4).contains(&w) {
@@ -239,6 +247,12 @@ fn conv_params(a: &ConvArgs, seq: Option<&IntView>) -> Result<ConvParams> {
     })
 }
 
+/// Blocks per batch entry: tiles of 8 channels x 256 steps (channel-first x) or 32 x 64.
+fn conv_blocks(p: &ConvParams) -> Result<u32> {
+    let td = if p.l_fast != 0 { 8 } else { 32 };
+    Ok(i32_of(cdiv(p.dim as i64, td) * p.n_ltiles as i64, "x")? as u32)
+}
+
 fn conv_entry(kind: &str, p: &ConvParams) -> &'static str {
     let i = (p.x.dtype * 3 + p.width - 2) as usize;
     let fwd = &super::compile::SMALL_ENTRIES[4..13];
@@ -259,11 +273,10 @@ pub fn conv_forward(
     let mut p = conv_params(a, seq)?;
     p.out = tref(out, "out")?;
     p.final_states = opt_ref(final_states, "final_states_out")?;
-    let blocks = cdiv(p.dim as i64 * p.seqlen as i64, CONV_THREADS);
     launch(
         ordinal,
         conv_entry("fwd", &p),
-        (blocks as u32, p.batch as u32, 1),
+        (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,
         stream,
@@ -304,16 +317,10 @@ pub fn conv_backward(
     p.dbias = opt_ref(g.dbias, "dbias")?;
     p.dinitial = opt_ref(g.dinitial, "dinitial_states")?;
     p.workspace_ptr = workspace.ptr;
-    let td = if p.l_fast != 0 { 8 } else { 32 };
-    let dtiles = cdiv(p.dim as i64, td);
     launch(
         ordinal,
         conv_entry("bwd", &p),
-        (
-            i32_of(dtiles * p.n_ltiles as i64, "x")? as u32,
-            p.batch as u32,
-            1,
-        ),
+        (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,
         stream,
@@ -374,11 +381,13 @@ pub fn conv_update(
     if let Some(v) = indices {
         p.state_idx = int_ref(v, "conv_state_indices", &[b], dev)?;
     }
-    let total = b * d;
+    if b > 65535 {
+        return Err(shape_err("x", format!("batch {b} exceeds 65535")));
+    }
     launch(
         ordinal,
         "conv_update",
-        (i32_of(cdiv(total, 128), "x")? as u32, 1, 1),
+        (cdiv(d, 128) as u32, b as u32, 1),
         128,
         &p,
         stream,

@@ -89,7 +89,8 @@ class MambaInnerFn(torch.autograd.Function):
         # out = out_z^T W_out^T + b: gradients of the projection, then of the scan.
         dout_proj_weight = dout2.t() @ out_z.transpose(1, 2).reshape(batch * L, d)
         dout_proj_bias = dout2.sum(0) if ctx.has_out_bias else None
-        dy = (dout2 @ out_proj_weight).view(batch, L, d).transpose(1, 2)
+        # W_out^T dout^T is (d, b l): as (b, d, l) its steps are contiguous, no copy for the scan.
+        dy = (out_proj_weight.t() @ dout2.t()).view(d, batch, L).transpose(0, 1)
         dxz = torch.empty_like(xz)
         dz = dxz[:, d:]
         du, ddelta, dA, dB, dC, dD, _, ddelta_bias, _ = _backward(
@@ -119,8 +120,10 @@ class MambaInnerFn(torch.autograd.Function):
             dx_dbl[:, r + n :] = 0
         u2 = u.transpose(1, 2).reshape(batch * L, d)
         dx_proj_weight = dx_dbl.t() @ u2
-        du = du + (dx_dbl @ x_proj_weight).view(batch, L, d).transpose(1, 2)
-        _, dw, db, _ = conv_backward(x, w, conv1d_bias, None, None, du, None, True,
+        # dconv = du + W_x^T dx_dbl^T, accumulated in the (d, b l) layout of the product.
+        dconv = (x_proj_weight.t() @ dx_dbl.t()).view(d, batch, L).transpose(0, 1)
+        dconv += du
+        _, dw, db, _ = conv_backward(x, w, conv1d_bias, None, None, dconv, None, True,
                                      dx=dxz[:, :d])  # fmt: skip
         return (dxz, dw.view_as(conv1d_weight), db, dx_proj_weight, ddelta_proj_weight,
                 dout_proj_weight, dout_proj_bias, dA, dB, dC, dD, ddelta_bias, dB_proj_bias,

@@ -1,0 +1,62 @@
+"""Where a Mamba block's training step spends its GPU time: torch.profiler over forward +
+backward (bf16 autocast) of mamba_scan.Mamba, and of mamba_ssm's Mamba when --anchors builds
+it; prints the kernels by total CUDA time.
+
+    python benchmarks/profile_block.py [--anchors] [--d-model 768] [--batch 8] [--seqlen 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mamba_scan
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--anchors", action="store_true")
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    args = ap.parse_args()
+    d = args.d_model
+    torch.manual_seed(0)
+    models = [("mamba_scan", mamba_scan.Mamba(d_model=d, d_state=16).cuda())]
+    if args.anchors:
+        import anchors
+
+        anchors.build_all()
+        ms = anchors.import_mamba_ssm()
+        m = ms.Mamba(d_model=d, d_state=16).cuda()
+        m.load_state_dict(models[0][1].state_dict())
+        models.append(("mamba_ssm", m))
+    h = torch.randn(args.batch, args.seqlen, d, device="cuda")
+    g = torch.randn(args.batch, args.seqlen, d, device="cuda", dtype=torch.bfloat16)
+    for name, m in models:
+
+        def step(m=m):
+            x = h.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = m(x)
+            y.backward(g)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"== {name}: d_model {d}, batch {args.batch}, seqlen {args.seqlen}, 5 steps")
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=22, max_name_column_width=60
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
