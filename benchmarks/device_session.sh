@@ -19,7 +19,7 @@ if [ "$what" != bench ]; then
   timeout 300 python -m pytest -q -rf tests/test_cuda_small.py tests/test_conv1d.py \
     tests/test_state_update.py tests/test_mamba_module.py tests/test_patch.py tests/test_ddp.py \
     2>&1 | tee "$OUT/pytest_small_cuda.log" | tail -4
-  timeout 200 python -m pytest -q tests/test_cuda.py -k "graph or stream or determin or agree" \
+  timeout 200 python -m pytest -q tests/test_cuda.py -k "graph or stream or determin or agree or other_device" \
     2>&1 | tee "$OUT/pytest_scan_subset.log" | tail -2
   for tool in memcheck racecheck; do
     timeout 150 compute-sanitizer --tool $tool python benchmarks/cuda_small_run.py \
@@ -30,11 +30,14 @@ fi
 wait
 tail -3 "$OUT/anchor_build.log" 2>/dev/null
 if [ "$what" != tests ]; then
-  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_decode.py --anchors 2>&1 | tail -30
+  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_decode.py --anchors 2>&1 | tail -16
+  timeout 60 python benchmarks/profile_decode.py > "$OUT/profile_decode.txt" 2>&1
   BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --anchors 2>&1 | tail -12
   timeout 100 python benchmarks/profile_block.py --anchors > "$OUT/profile_block.txt" 2>&1
-  BENCH_OUT=$OUT timeout 100 python benchmarks/bench_train.py --slow-path --reps 3 --d-models 768 \
-    --out train_block_slow.md 2>&1 | tail -5
+  if [ "$SLOW" = 1 ]; then
+    BENCH_OUT=$OUT timeout 100 python benchmarks/bench_train.py --slow-path --reps 3 --d-models 768 \
+      --out train_block_slow.md 2>&1 | tail -5
+  fi
 fi
 # The device returns at most 8 files: the text results travel as one tar.
 (cd "$OUT" && tar cf results.tar *.log *.md *.txt 2>/dev/null && rm -f *.log *.md *.txt)

@@ -253,11 +253,18 @@ fn conv_blocks(p: &ConvParams) -> Result<u32> {
     Ok(i32_of(cdiv(p.dim as i64, td) * p.n_ltiles as i64, "x")? as u32)
 }
 
-fn conv_entry(kind: &str, p: &ConvParams) -> &'static str {
-    let i = (p.x.dtype * 3 + p.width - 2) as usize;
-    let fwd = &super::compile::SMALL_ENTRIES[4..13];
-    let bwd = &super::compile::SMALL_ENTRIES[13..22];
-    if kind == "fwd" { fwd[i] } else { bwd[i] }
+/// The entry point `conv_{kind}_t{dtype}_w{width}` of the small-kernel module, by name (a
+/// missing one is an error, never another kernel).
+fn conv_entry(kind: &str, p: &ConvParams) -> Result<&'static str> {
+    let want = format!("conv_{kind}_t{}_w{}", p.x.dtype, p.width);
+    super::compile::SMALL_ENTRIES
+        .iter()
+        .copied()
+        .find(|e| *e == want)
+        .ok_or_else(|| ScanError::Cuda {
+            name: "CUDA_ERROR_NOT_FOUND".into(),
+            msg: format!("kernel {want} missing from the small-kernel module"),
+        })
 }
 
 /// Causal conv1d forward on CUDA.
@@ -275,7 +282,7 @@ pub fn conv_forward(
     p.final_states = opt_ref(final_states, "final_states_out")?;
     launch(
         ordinal,
-        conv_entry("fwd", &p),
+        conv_entry("fwd", &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,
@@ -319,7 +326,7 @@ pub fn conv_backward(
     p.workspace_ptr = workspace.ptr;
     launch(
         ordinal,
-        conv_entry("bwd", &p),
+        conv_entry("bwd", &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,
@@ -392,4 +399,42 @@ pub fn conv_update(
         &p,
         stream,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every (direction, dtype, width) the launcher can ask for names a compiled entry, and
+    /// each entry in SMALL_ENTRIES is defined in small.cu.
+    #[test]
+    fn conv_entries_resolve_by_name() {
+        for kind in ["fwd", "bwd"] {
+            for dtype in 0..3 {
+                for width in 2..=4 {
+                    let p = ConvParams {
+                        width,
+                        x: TensorRef {
+                            dtype,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    let e = conv_entry(kind, &p).unwrap();
+                    assert_eq!(e, format!("conv_{kind}_t{dtype}_w{width}"));
+                }
+            }
+        }
+        let src = include_str!("../../cuda/small.cu");
+        for e in super::super::compile::SMALL_ENTRIES {
+            let defined = src.contains(&format!("void {e}("))
+                || (e.starts_with("conv_") && e.matches('_').count() == 3 && {
+                    // CONV_ENTRIES(T, W) defines conv_{fwd,bwd}_t{T}_w{W}.
+                    let parts: Vec<&str> = e.split('_').collect();
+                    let (t, w) = (&parts[2][1..], &parts[3][1..]);
+                    src.contains(&format!("CONV_ENTRIES({t}, {w})"))
+                });
+            assert!(defined, "{e} is not defined in small.cu");
+        }
+    }
 }
