@@ -2,9 +2,8 @@
 bf16: torch.profiler over 50 steps."""
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from bench_decode import make, step_fn
+from torch.profiler import ProfilerActivity, profile
 
 import mamba_scan
 
