@@ -16,12 +16,14 @@ if [ "$what" != tests ]; then
      [ -f "$f" ] && [ $(stat -c %s "$f") -lt 16000000 ] && cp "$f" "$OUT/"; done; ls -la "$OUT"/*.so) &
 fi
 if [ "$what" != bench ]; then
-  timeout 300 python -m pytest -q -rf tests/test_cuda_small.py tests/test_conv1d.py \
-    tests/test_state_update.py tests/test_mamba_module.py tests/test_patch.py tests/test_ddp.py \
+  TESTS="tests/test_cuda_small.py tests/test_conv1d.py tests/test_state_update.py tests/test_mamba_module.py"
+  [ "$QUICK" = 1 ] || TESTS="$TESTS tests/test_patch.py tests/test_ddp.py"
+  timeout 300 python -m pytest -q -rf $TESTS \
     2>&1 | tee "$OUT/pytest_small_cuda.log" | tail -4
-  timeout 200 python -m pytest -q tests/test_cuda.py -k "graph or stream or determin or agree or other_device" \
-    2>&1 | tee "$OUT/pytest_scan_subset.log" | tail -2
-  for tool in memcheck racecheck; do
+  [ "$QUICK" = 1 ] || timeout 200 python -m pytest -q tests/test_cuda.py \
+    -k "graph or stream or determin or agree or other_device" 2>&1 | tee "$OUT/pytest_scan_subset.log" | tail -2
+  TOOLS="memcheck racecheck"; [ "$QUICK" = 1 ] && TOOLS=memcheck
+  for tool in $TOOLS; do
     timeout 150 compute-sanitizer --tool $tool python benchmarks/cuda_small_run.py \
       > "$OUT/sanitizer_small_$tool.log" 2>&1
     tail -2 "$OUT/sanitizer_small_$tool.log"
@@ -30,10 +32,9 @@ fi
 wait
 tail -3 "$OUT/anchor_build.log" 2>/dev/null
 if [ "$what" != tests ]; then
+  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --anchors 2>&1 | tail -7
   BENCH_OUT=$OUT timeout 150 python benchmarks/bench_decode.py --anchors 2>&1 | tail -16
-  timeout 60 python benchmarks/profile_decode.py > "$OUT/profile_decode.txt" 2>&1
-  BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --anchors 2>&1 | tail -12
-  timeout 100 python benchmarks/profile_block.py --anchors > "$OUT/profile_block.txt" 2>&1
+  [ "$QUICK" = 1 ] || timeout 100 python benchmarks/profile_block.py --anchors > "$OUT/profile_block.txt" 2>&1
   if [ "$SLOW" = 1 ]; then
     BENCH_OUT=$OUT timeout 100 python benchmarks/bench_train.py --slow-path --reps 3 --d-models 768 \
       --out train_block_slow.md 2>&1 | tail -5

@@ -33,11 +33,14 @@ __device__ __forceinline__ long long off3(const TensorRef& t, long long i, long 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 
 // ---------------------------------------------------------------------------------------------
-// selective_state_update: kG lanes per (batch, head, channel) row, lane j owning states
-// j, j + kG, ... (kNS of them): each load instruction of a warp reads whole rows of the
-// (contiguous) state. The row's output is a shuffle sum over its lanes. Grid: x over channel
-// tiles, y heads, z batch: no index divisions.
-template <int kG, int kNS>
+// selective_state_update: kG lanes per (batch, head, channel) row, lane j owning the 8
+// consecutive states 8j .. 8j + 7: one or two 16-byte loads and stores of the state per lane
+// where it is contiguous and aligned, so a warp moves whole lines; the row's output is a
+// shuffle sum over its lanes. Templated on the state's dtype (kS); the small A / B / C / D
+// loads read any dtype. Grid: x over channel tiles, y heads, z batch (no index divisions).
+constexpr int kNS = 8;
+
+template <int kS, int kG>
 __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
     const int pi = blockIdx.x * (blockDim.x / kG) + threadIdx.x / kG;
     const int hi = blockIdx.y, bi = blockIdx.z;
@@ -53,36 +56,47 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
     }
     const bool run = live && !pad && !bad;
     const int gi = hi / p.heads_per_group;
+    const int n0 = lane * kNS;
     float acc = 0.f, xv = 0.f;
-    if (run) {
+    if (run && n0 < p.dstate) {
+        const long long so = si * p.state.stride[0] + hi * p.state.stride[1] + pi * p.state.stride[2];
+        typedef typename InType<kS>::t ST;
+        ST* srow = (ST*)p.state.ptr + so;
+        const bool vec = p.state.stride[3] == 1;
+        const int valid = p.dstate - n0;
+        float hv[kNS];
+        if (vec) {
+#pragma unroll
+            for (int i = 0; i < kNS; i += Vec<kS>::n) load_vec<kS>(srow + n0 + i, valid - i, hv + i);
+        } else {
+#pragma unroll
+            for (int s = 0; s < kNS; ++s)
+                hv[s] = s < valid ? to_f<kS>(srow[(long long)(n0 + s) * p.state.stride[3]]) : 0.f;
+        }
         xv = ld_any(p.x, off3(p.x, bi, hi, pi));
         float dt = ld_any(p.dt, off3(p.dt, bi, hi, pi));
         if (p.dt_bias.ptr) dt += ld_any(p.dt_bias, off2(p.dt_bias, hi, pi));
         if (p.dt_softplus) dt = softplus_f(dt);
         const float dtx = dt * xv, dtl = dt * LOG2E_F;
-        const long long so = si * p.state.stride[0] + hi * p.state.stride[1] + pi * p.state.stride[2];
         const long long ao = off2(p.a, hi, pi);
         const long long bo = off2(p.b, bi, gi), co = off2(p.c, bi, gi);
-        float hv[kNS], av[kNS], bv[kNS], cv[kNS];
-        // All loads first, then the arithmetic: a lane's loads are in flight together.
 #pragma unroll
         for (int s = 0; s < kNS; ++s) {
-            const int n = lane + s * kG;
-            if (n < p.dstate) {
-                hv[s] = ld_any(p.state, so + n * p.state.stride[3]);
-                av[s] = ld_any(p.a, ao + n * p.a.stride[2]);
-                bv[s] = ld_any(p.b, bo + n * p.b.stride[2]);
-                cv[s] = ld_any(p.c, co + n * p.c.stride[2]);
+            const int n = n0 + s;
+            if (s < valid) {
+                const float h = ex2(ld_any(p.a, ao + n * p.a.stride[2]) * dtl) * hv[s] +
+                                ld_any(p.b, bo + n * p.b.stride[2]) * dtx;
+                hv[s] = h;
+                acc += ld_any(p.c, co + n * p.c.stride[2]) * h;
             }
         }
+        if (vec) {
 #pragma unroll
-        for (int s = 0; s < kNS; ++s) {
-            const int n = lane + s * kG;
-            if (n < p.dstate) {
-                const float h = ex2(av[s] * dtl) * hv[s] + bv[s] * dtx;
-                st_any(p.state, so + n * p.state.stride[3], h);
-                acc += cv[s] * h;
-            }
+            for (int i = 0; i < kNS; i += Vec<kS>::n) store_vec<kS>(srow + n0 + i, valid - i, hv + i);
+        } else {
+#pragma unroll
+            for (int s = 0; s < kNS; ++s)
+                if (s < valid) srow[(long long)(n0 + s) * p.state.stride[3]] = from_f<kS>(hv[s]);
         }
     }
 #pragma unroll
@@ -94,6 +108,7 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
     } else if (bad) {
         o = nan_f();  // an index past the state's rows: visible, never a write out of bounds
     } else {
+        if (p.dstate == 0) xv = ld_any(p.x, off3(p.x, bi, hi, pi));
         o = acc;
         if (p.d.ptr) o += xv * ld_any(p.d, off2(p.d, hi, pi));
         if (p.z.ptr) {
@@ -104,14 +119,17 @@ __device__ __forceinline__ void state_update_impl(const StateUpdateParams& p) {
     st_any(p.out, off3(p.out, bi, hi, pi), o);
 }
 
-// (lanes per row, states per lane): dstate <= 4, 8, 16, 32, 64, 128, 256.
-extern "C" __global__ void state_update_g1(const StateUpdateParams p) { state_update_impl<1, 4>(p); }
-extern "C" __global__ void state_update_g2(const StateUpdateParams p) { state_update_impl<2, 4>(p); }
-extern "C" __global__ void state_update_g4(const StateUpdateParams p) { state_update_impl<4, 4>(p); }
-extern "C" __global__ void state_update_g8(const StateUpdateParams p) { state_update_impl<8, 4>(p); }
-extern "C" __global__ void state_update_g16(const StateUpdateParams p) { state_update_impl<16, 4>(p); }
-extern "C" __global__ void state_update_g32(const StateUpdateParams p) { state_update_impl<32, 4>(p); }
-extern "C" __global__ void state_update_g32x8(const StateUpdateParams p) { state_update_impl<32, 8>(p); }
+// state_update_s{state dtype}_g{lanes per row}: dstate <= 8 * lanes.
+#define SU_ENTRIES(S)                                                                             \
+    extern "C" __global__ void state_update_s##S##_g1(const StateUpdateParams p) { state_update_impl<S, 1>(p); }   \
+    extern "C" __global__ void state_update_s##S##_g2(const StateUpdateParams p) { state_update_impl<S, 2>(p); }   \
+    extern "C" __global__ void state_update_s##S##_g4(const StateUpdateParams p) { state_update_impl<S, 4>(p); }   \
+    extern "C" __global__ void state_update_s##S##_g8(const StateUpdateParams p) { state_update_impl<S, 8>(p); }   \
+    extern "C" __global__ void state_update_s##S##_g16(const StateUpdateParams p) { state_update_impl<S, 16>(p); } \
+    extern "C" __global__ void state_update_s##S##_g32(const StateUpdateParams p) { state_update_impl<S, 32>(p); }
+SU_ENTRIES(0)
+SU_ENTRIES(1)
+SU_ENTRIES(2)
 
 // ---------------------------------------------------------------------------------------------
 // causal conv1d. Tap k of output step t reads xp[t + k] of the padded row
@@ -154,17 +172,42 @@ __device__ __forceinline__ ConvTile conv_tile(const ConvParams& p) {
 // The padded inputs xp[src] for src = t0 - (W - 1) + j, j < kN (initial states before step 0,
 // zeros past the end), and with seq_idx their sequence ids (-1 before step 0; kept as 32-bit:
 // ids of one batch row are sequence numbers, far below 2^31).
+// kSeg consecutive values of a row from step t0 (the row's steps contiguous): 16-byte accesses
+// where aligned (a warp then reads whole lines instead of one element per 16 bytes), zeros
+// past the end.
+template <int kT>
+__device__ __forceinline__ void ld_seg(const TensorRef& t, long long row, int t0, int L, float* v) {
+    const typename InType<kT>::t* base = (const typename InType<kT>::t*)t.ptr + row + t0;
+#pragma unroll
+    for (int i = 0; i < kSeg; i += Vec<kT>::n) load_vec<kT>(base + i, L - t0 - i, v + i);
+}
+template <int kT>
+__device__ __forceinline__ void st_seg(const TensorRef& t, long long row, int t0, int L, const float* v) {
+    if (t.stride[2] == 1) {
+        typename InType<kT>::t* base = (typename InType<kT>::t*)t.ptr + row + t0;
+#pragma unroll
+        for (int i = 0; i < kSeg; i += Vec<kT>::n) store_vec<kT>(base + i, L - t0 - i, v + i);
+    } else {
+#pragma unroll
+        for (int o = 0; o < kSeg; ++o)
+            if (t0 + o < L) stx<kT>(t, row + (long long)(t0 + o) * t.stride[2], v[o]);
+    }
+}
+
 template <int kT, int kW, int kN>
 __device__ __forceinline__ void load_window(const ConvParams& p, const ConvTile& c, float (&xw)[kN],
                                             int (&sw)[kN]) {
     const long long xo = (long long)c.b * p.x.stride[0] + (long long)c.d * p.x.stride[1];
+    const bool vec = p.x.stride[2] == 1;
+    if (vec) ld_seg<kT>(p.x, xo, c.t0, p.seqlen, xw + (kW - 1));
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
         const int src = c.t0 - (kW - 1) + j;
+        const bool own = j >= kW - 1 && j < kW - 1 + kSeg;  // the segment's steps
         float v = 0.f;
         int sq = -1;
         if (src >= 0 && src < p.seqlen) {
-            v = ldx<kT>(p.x, xo + (long long)src * p.x.stride[2]);
+            v = (vec && own) ? xw[j] : ldx<kT>(p.x, xo + (long long)src * p.x.stride[2]);
             if (p.seq_idx.ptr) sq = (int)ld_int(p.seq_idx, off2(p.seq_idx, c.b, src));
         } else if (src < 0 && p.initial.ptr) {
             v = ld_any(p.initial, off3(p.initial, c.b, c.d, kW - 1 + src));
@@ -193,17 +236,17 @@ __device__ __forceinline__ void conv_fwd_impl(const ConvParams& p) {
     int sw[kN];
     load_window<kT, kW, kN>(p, c, xw, sw);
     const long long oo = (long long)c.b * p.out.stride[0] + (long long)c.d * p.out.stride[1];
+    float y[kSeg];
 #pragma unroll
     for (int o = 0; o < kSeg; ++o) {
-        const int t = c.t0 + o;
-        if (t >= p.seqlen) break;
         float acc = bias;
 #pragma unroll
         for (int k = 0; k < kW; ++k)
             if (tap_ok<kW, kN>(p, sw, o, k)) acc += w[k] * xw[o + k];
         if (p.silu) acc *= sigmoid_f(acc);
-        stx<kT>(p.out, oo + (long long)t * p.out.stride[2], acc);
+        y[o] = acc;
     }
+    st_seg<kT>(p.out, oo, c.t0, p.seqlen, y);
     if (p.final_states.ptr) {
         // final[j] = xp[L + j]: the last W - 1 inputs, reaching into the initial states when
         // L < W - 1 (those written by the first segment's thread).
@@ -247,12 +290,14 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
         load_window<kT, kW, kN>(p, c, xw, sw);
         const long long go = (long long)c.b * p.dout.stride[0] + (long long)c.d * p.dout.stride[1];
         float g[kG];
+        const bool gvec = p.dout.stride[2] == 1;
+        if (gvec) ld_seg<kT>(p.dout, go, c.t0, L, g);
 #pragma unroll
         for (int o = 0; o < kG; ++o) {
             const int u = c.t0 + o;
             float gv = 0.f;
             if (u < L) {
-                gv = ldx<kT>(p.dout, go + (long long)u * p.dout.stride[2]);
+                gv = (gvec && o < kSeg) ? g[o] : ldx<kT>(p.dout, go + (long long)u * p.dout.stride[2]);
                 if (p.silu) {
                     float pre = bias;
 #pragma unroll
@@ -265,10 +310,12 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
             g[o] = gv;
         }
         const long long dxo = (long long)c.b * p.dx.stride[0] + (long long)c.d * p.dx.stride[1];
+        float dxs[kSeg];
 #pragma unroll
         for (int o = 0; o < kSeg; ++o) {
             const int t = c.t0 + o;
-            if (t >= L) break;
+            dxs[o] = 0.f;
+            if (t >= L) continue;
             // x[t] sits at window index o + kW - 1; step t + j reads it through tap W - 1 - j.
             float dx = 0.f;
 #pragma unroll
@@ -278,12 +325,13 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
                 const int jf = t - (L - (kW - 1));
                 if (jf >= 0) dx += ld_any(p.dfinal, off3(p.dfinal, c.b, c.d, jf));
             }
-            stx<kT>(p.dx, dxo + (long long)t * p.dx.stride[2], dx);
+            dxs[o] = dx;
 #pragma unroll
             for (int k = 0; k < kW; ++k)
                 if (tap_ok<kW, kN>(p, sw, o, k)) dw[k] += g[o] * xw[o + k];
             dw[kW] += g[o];
         }
+        st_seg<kT>(p.dx, dxo, c.t0, L, dxs);
         if (c.t0 == 0 && p.dinitial.ptr) {
             // dinitial[i] = sum_{t <= i, t < L} w[i - t] g[t] (+ dfinal[i - L] when the final
             // states reach into the initial ones).

@@ -128,20 +128,17 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
             format!("dstate must be <= 256 on CUDA; got {n}"),
         ));
     }
-    // Lanes per row (4 states each; 8 at dstate > 128): a kernel per size class.
-    let (name, group) = [
-        ("state_update_g1", 1, 4),
-        ("state_update_g2", 2, 8),
-        ("state_update_g4", 4, 16),
-        ("state_update_g8", 8, 32),
-        ("state_update_g16", 16, 64),
-        ("state_update_g32", 32, 128),
-        ("state_update_g32x8", 32, 256),
-    ]
-    .into_iter()
-    .find(|&(_, _, cap)| n <= cap)
-    .map(|(name, g, _)| (name, g))
-    .expect("dstate <= 256");
+    // Lanes per row: 8 consecutive states each.
+    let group = ((n.max(1) as u64).div_ceil(8).next_power_of_two() as i32).min(32);
+    let want = format!("state_update_s{}_g{group}", float_code(a.state, "state")?);
+    let name = super::compile::SMALL_ENTRIES
+        .iter()
+        .copied()
+        .find(|e| *e == want)
+        .ok_or_else(|| ScanError::Cuda {
+            name: "CUDA_ERROR_NOT_FOUND".into(),
+            msg: format!("kernel {want} missing from the small-kernel module"),
+        })?;
     let mut idx = TensorRef::default();
     if let Some(iv) = a.device_indices {
         idx = int_ref(iv, "state_batch_indices", &[bt], s.device)?;
@@ -427,7 +424,11 @@ mod tests {
         }
         let src = include_str!("../../cuda/small.cu");
         for e in super::super::compile::SMALL_ENTRIES {
+            let su = e
+                .strip_prefix("state_update_s")
+                .and_then(|r| r.split('_').next());
             let defined = src.contains(&format!("void {e}("))
+                || su.is_some_and(|st| src.contains(&format!("SU_ENTRIES({st})")))
                 || (e.starts_with("conv_") && e.matches('_').count() == 3 && {
                     // CONV_ENTRIES(T, W) defines conv_{fwd,bwd}_t{T}_w{W}.
                     let parts: Vec<&str> = e.split('_').collect();
