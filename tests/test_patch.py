@@ -68,12 +68,18 @@ def run_model(model, ids):
     return loss.detach(), logits, grads, gen
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @needs_absent
-def test_transformers_after_import_matches_its_torch_path():
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformers_after_import_matches_its_torch_path(device, monkeypatch):
     import transformers.models.mamba.modeling_mamba  # noqa: F401 (imported before patch())
 
-    model = tiny_model()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    # Its torch path convolves through cuDNN: keep that in full fp32 (no TF32) on CUDA.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_model().to(device)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     want = run_model(model, ids)
     with mamba_scan.patch() as h:
         assert any(f.endswith("mamba_selective_scan") for f in h.functions)
