@@ -43,6 +43,62 @@ def _time(fn, device, reps=5):
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
+def _err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def _layer_checks(device):
+    """The other kernels a Mamba layer calls, fp32 on `device`, with their PyTorch references
+    in fp32 (same device) and float64 (CPU): (ours, ref fp32, ref fp64) per check."""
+    import torch.nn.functional as F
+
+    from . import (
+        Mamba,
+        causal_conv1d_update,
+        causal_conv1d_update_ref,
+        mamba_inner_fn,
+        mamba_inner_ref,
+        selective_state_update,
+        selective_state_update_ref,
+    )
+
+    torch.manual_seed(0)
+    m = Mamba(d_model=32, d_state=16).to(device)
+    h = torch.randn(2, 50, 32, device=device)
+    with torch.no_grad():
+        xz = F.linear(h, m.in_proj.weight).transpose(1, 2)
+        args = [xz, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight,
+                m.out_proj.weight, m.out_proj.bias, -torch.exp(m.A_log.float())]  # fmt: skip
+        kw = dict(D=m.D.float(), delta_bias=m.dt_proj.bias.float())
+        cpu64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+        res = {
+            "mamba_inner_fn (Mamba block) fp32": (
+                mamba_inner_fn(*args, **kw),
+                mamba_inner_ref(*args, **kw),
+                mamba_inner_ref(*map(cpu64, args), **{k: cpu64(v) for k, v in kw.items()}),
+            )
+        }
+        b, d, n = 3, 64, 16
+        g = torch.Generator().manual_seed(1)
+        r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+        st, x, dt, B, C = r(b, d, n), r(b, d), r(b, d), r(b, n), r(b, n)
+        A = -torch.rand(d, n, generator=g).to(device) - 0.5
+        outs = []
+        for fn, cast in ((selective_state_update, None), (selective_state_update_ref, None),
+                         (selective_state_update_ref, cpu64)):  # fmt: skip
+            c = (lambda t: t.clone()) if cast is None else cast
+            outs.append(fn(c(st), c(x), c(dt), c(A), c(B), c(C), dt_softplus=True))
+        res["selective_state_update fp32"] = tuple(outs)
+        cs, w = r(b, d, 3), r(d, 4)
+        outs = []
+        for fn, cast in ((causal_conv1d_update, None), (causal_conv1d_update_ref, None),
+                         (causal_conv1d_update_ref, cpu64)):  # fmt: skip
+            c = (lambda t: t.clone()) if cast is None else cast
+            outs.append(fn(c(x), c(cs), c(w), None, "silu"))
+        res["causal_conv1d_update fp32"] = tuple(outs)
+    return res
+
+
 def info() -> str:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [f"mamba_scan {sys.modules['mamba_scan'].__version__}, torch {torch.__version__}"]
@@ -90,6 +146,11 @@ def main(argv: list[str]) -> int:
     good = e <= 2 * ept + 1e-6
     ok &= good
     print(f"  forward fp32 (2,16,300,16): {e:.2e} [{ept:.2e}] {'ok' if good else 'FAIL'}")
+    for name, (got, ref32, ref64) in _layer_checks(device).items():
+        e, ept = _err(got, ref64), _err(ref32, ref64)
+        good = e <= 2 * ept + 1e-5 * max(ref64.abs().max().item(), 1.0)
+        ok &= good
+        print(f"  {name}: {e:.2e} [{ept:.2e}] {'ok' if good else 'FAIL'}")
 
     shape = (2, 1536, 1024, 16) if device == "cpu" else (8, 1536, 2048, 16)
     b, d, L, n = shape
