@@ -100,14 +100,49 @@ unsafe fn padded<R: Real>(a: &ConvArgs, bi: i64, c: i64, l: i64, w: i64, xp: &mu
             None => R::ZERO,
         });
     }
-    for t in 0..l {
-        // SAFETY: in bounds by `check`.
-        xp.push(unsafe {
-            ld(
-                a.x,
-                bi * a.x.stride(0) + c * a.x.stride(1) + t * a.x.stride(2),
-            )
-        });
+    let row = bi * a.x.stride(0) + c * a.x.stride(1);
+    // SAFETY: in bounds by `check`.
+    unsafe { load_row(a.x, row, l, xp) };
+}
+
+/// Append the `l` elements of a (…, seqlen) row starting at offset `row` of `t`: one bulk
+/// conversion when the steps are contiguous.
+///
+/// # Safety
+/// The row must be in bounds of the live CPU tensor `t`.
+unsafe fn load_row<R: Real>(t: &TensorView, row: i64, l: i64, dst: &mut Vec<R>) {
+    if l <= 0 {
+        return; // (an empty tensor's data pointer may be null)
+    }
+    let n0 = dst.len();
+    if t.stride(2) == 1 || l == 1 {
+        dst.resize(n0 + l as usize, R::ZERO);
+        // SAFETY: per the contract, `l` contiguous elements at `row`.
+        unsafe { R::load(t.dtype, super::addr(t.ptr, row, t.dtype), &mut dst[n0..]) };
+    } else {
+        for s in 0..l {
+            // SAFETY: per the contract.
+            dst.push(unsafe { ld(t, row + s * t.stride(2)) });
+        }
+    }
+}
+
+/// Store `src` as the row at offset `row` of `t` (bulk when the steps are contiguous).
+///
+/// # Safety
+/// As for `load_row`, on a writable tensor that no other thread writes in this row.
+unsafe fn store_row<R: Real>(t: &TensorView, row: i64, src: &[R]) {
+    if src.is_empty() {
+        return;
+    }
+    if t.stride(2) == 1 || src.len() == 1 {
+        // SAFETY: per the contract.
+        unsafe { R::store(t.dtype, super::addr(t.ptr, row, t.dtype), src) };
+    } else {
+        for (s, &v) in src.iter().enumerate() {
+            // SAFETY: per the contract.
+            unsafe { st(t, row + s as i64 * t.stride(2), v) };
+        }
     }
 }
 
@@ -169,43 +204,56 @@ unsafe fn fwd_t<R: Real + Send + Sync>(
     fin: Option<&TensorView>,
     (b, d, l, w): (i64, i64, i64, i64),
 ) {
-    super::par_for(d as usize, Vec::<R>::new, |ci, xp| {
-        let c = ci as i64;
-        // SAFETY (this closure): offsets from checked shapes and the tensors' strides; each
-        // task writes only channel c.
-        unsafe {
-            let wk: Vec<R> = (0..w)
-                .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
-                .collect();
-            let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
-            for bi in 0..b {
-                padded(a, bi, c, l, w, xp);
-                for t in 0..l {
-                    let mut acc = bias;
-                    for k in 0..w {
-                        if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
-                            acc = acc + wk[k as usize] * xp[(t + k) as usize];
+    super::par_for(
+        d as usize,
+        || (Vec::<R>::new(), Vec::<R>::new()),
+        |ci, (xp, y)| {
+            let c = ci as i64;
+            // SAFETY (this closure): offsets from checked shapes and the tensors' strides; each
+            // task writes only channel c.
+            unsafe {
+                let wk: Vec<R> = (0..w)
+                    .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
+                    .collect();
+                let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+                for bi in 0..b {
+                    padded(a, bi, c, l, w, xp);
+                    y.clear();
+                    y.resize(l as usize, bias);
+                    if a.seq_idx.is_none() {
+                        // Tap-outer loops over contiguous rows: they vectorise.
+                        for (k, &wv) in wk.iter().enumerate() {
+                            for (yt, &xv) in y.iter_mut().zip(&xp[k..k + l as usize]) {
+                                *yt = *yt + wv * xv;
+                            }
+                        }
+                    } else {
+                        for t in 0..l {
+                            for k in 0..w {
+                                if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                                    y[t as usize] =
+                                        y[t as usize] + wk[k as usize] * xp[(t + k) as usize];
+                                }
+                            }
                         }
                     }
                     if a.silu {
-                        acc = acc * super::sigmoid(acc);
+                        for v in y.iter_mut() {
+                            *v = *v * super::sigmoid(*v);
+                        }
                     }
-                    st(
-                        out,
-                        bi * out.stride(0) + c * out.stride(1) + t * out.stride(2),
-                        acc,
-                    );
-                }
-                if let Some(f) = fin {
-                    let n = xp.len() as i64;
-                    for k in 0..w - 1 {
-                        let v = xp[(n - (w - 1) + k) as usize];
-                        st(f, bi * f.stride(0) + c * f.stride(1) + k * f.stride(2), v);
+                    store_row(out, bi * out.stride(0) + c * out.stride(1), y);
+                    if let Some(f) = fin {
+                        let n = xp.len() as i64;
+                        for k in 0..w - 1 {
+                            let v = xp[(n - (w - 1) + k) as usize];
+                            st(f, bi * f.stride(0) + c * f.stride(1) + k * f.stride(2), v);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Gradient outputs of the backward (fresh tensors; dbias / dinitial only when needed).
@@ -268,8 +316,15 @@ unsafe fn bwd_t<R: Real + Send + Sync>(
 ) {
     super::par_for(
         d as usize,
-        || (Vec::<R>::new(), Vec::<R>::new(), Vec::<R>::new()),
-        |ci, (xp, gp, dxp)| {
+        || {
+            (
+                Vec::<R>::new(),
+                Vec::<R>::new(),
+                Vec::<R>::new(),
+                Vec::<R>::new(),
+            )
+        },
+        |ci, (xp, gp, dxp, pre)| {
             let c = ci as i64;
             // SAFETY (this closure): as in the forward; this task writes channel c only.
             unsafe {
@@ -279,28 +334,35 @@ unsafe fn bwd_t<R: Real + Send + Sync>(
                 let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
                 let mut dw = vec![R::ZERO; w as usize];
                 let mut db = R::ZERO;
+                let lu = l as usize;
                 for bi in 0..b {
                     padded(a, bi, c, l, w, xp);
                     // g = dout * act'(pre), recomputing pre.
                     gp.clear();
-                    for t in 0..l {
-                        let go: R = ld(
-                            g.dout,
-                            bi * g.dout.stride(0) + c * g.dout.stride(1) + t * g.dout.stride(2),
-                        );
-                        let gv = if a.silu {
-                            let mut pre = bias;
-                            for k in 0..w {
-                                if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
-                                    pre = pre + wk[k as usize] * xp[(t + k) as usize];
+                    load_row(g.dout, bi * g.dout.stride(0) + c * g.dout.stride(1), l, gp);
+                    if a.silu {
+                        pre.clear();
+                        pre.resize(lu, bias);
+                        if a.seq_idx.is_none() {
+                            for (k, &wv) in wk.iter().enumerate() {
+                                for (p, &xv) in pre.iter_mut().zip(&xp[k..k + lu]) {
+                                    *p = *p + wv * xv;
                                 }
                             }
-                            let s = super::sigmoid(pre);
-                            go * s * (R::ONE + pre * (R::ONE - s))
                         } else {
-                            go
-                        };
-                        gp.push(gv);
+                            for t in 0..l {
+                                for k in 0..w {
+                                    if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                                        pre[t as usize] =
+                                            pre[t as usize] + wk[k as usize] * xp[(t + k) as usize];
+                                    }
+                                }
+                            }
+                        }
+                        for (gv, &p) in gp.iter_mut().zip(pre.iter()) {
+                            let s = super::sigmoid(p);
+                            *gv = *gv * s * (R::ONE + p * (R::ONE - s));
+                        }
                     }
                     dxp.clear();
                     dxp.resize(xp.len(), R::ZERO);
@@ -312,21 +374,36 @@ unsafe fn bwd_t<R: Real + Send + Sync>(
                                 + ld(f, bi * f.stride(0) + c * f.stride(1) + k * f.stride(2));
                         }
                     }
-                    for t in 0..l {
-                        let gv = gp[t as usize];
+                    for &gv in gp.iter() {
                         db = db + gv;
-                        for k in 0..w {
-                            if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
-                                let j = (t + k) as usize;
-                                dw[k as usize] = dw[k as usize] + gv * xp[j];
-                                dxp[j] = dxp[j] + gv * wk[k as usize];
+                    }
+                    if a.seq_idx.is_none() {
+                        // Tap-outer loops over contiguous rows (they vectorise).
+                        for (k, &wv) in wk.iter().enumerate() {
+                            let mut acc = R::ZERO;
+                            for (t, &gv) in gp.iter().enumerate() {
+                                acc = acc + gv * xp[t + k];
+                                dxp[t + k] = dxp[t + k] + gv * wv;
+                            }
+                            dw[k] = dw[k] + acc;
+                        }
+                    } else {
+                        for t in 0..l {
+                            let gv = gp[t as usize];
+                            for k in 0..w {
+                                if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                                    let j = (t + k) as usize;
+                                    dw[k as usize] = dw[k as usize] + gv * xp[j];
+                                    dxp[j] = dxp[j] + gv * wk[k as usize];
+                                }
                             }
                         }
                     }
-                    for t in 0..l {
-                        let off = bi * g.dx.stride(0) + c * g.dx.stride(1) + t * g.dx.stride(2);
-                        st(g.dx, off, dxp[(t + w - 1) as usize]);
-                    }
+                    store_row(
+                        g.dx,
+                        bi * g.dx.stride(0) + c * g.dx.stride(1),
+                        &dxp[(w - 1) as usize..],
+                    );
                     if let Some(h) = g.dinitial {
                         for k in 0..w - 1 {
                             st(
