@@ -146,6 +146,43 @@ unsafe fn store_row<R: Real>(t: &TensorView, row: i64, src: &[R]) {
     }
 }
 
+/// Channel c's taps and bias.
+///
+/// # Safety
+/// `check` must have passed for `a`.
+unsafe fn channel_weights<R: Real>(a: &ConvArgs, c: i64, w: i64) -> (Vec<R>, R) {
+    // SAFETY: in bounds by `check`.
+    unsafe {
+        let wk = (0..w)
+            .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
+            .collect();
+        (wk, a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0))))
+    }
+}
+
+/// Pre-activations of one row: y[t] = bias + sum_k w[k] xp[t + k] over the taps `tap_ok`
+/// allows. Without seq_idx the loops run tap-outer over contiguous rows, so they vectorise.
+fn pre_row<R: Real>(a: &ConvArgs, bi: i64, l: i64, xp: &[R], wk: &[R], bias: R, y: &mut Vec<R>) {
+    let (lu, w) = (l as usize, wk.len() as i64);
+    y.clear();
+    y.resize(lu, bias);
+    if a.seq_idx.is_none() {
+        for (k, &wv) in wk.iter().enumerate() {
+            for (yt, &xv) in y.iter_mut().zip(&xp[k..k + lu]) {
+                *yt = *yt + wv * xv;
+            }
+        }
+        return;
+    }
+    for t in 0..l {
+        for k in 0..w {
+            if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
+                y[t as usize] = y[t as usize] + wk[k as usize] * xp[(t + k) as usize];
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn tap_ok(a: &ConvArgs, bi: i64, l: i64, t: i64, src: i64) -> bool {
     match a.seq_idx {
@@ -212,31 +249,10 @@ unsafe fn fwd_t<R: Real + Send + Sync>(
             // SAFETY (this closure): offsets from checked shapes and the tensors' strides; each
             // task writes only channel c.
             unsafe {
-                let wk: Vec<R> = (0..w)
-                    .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
-                    .collect();
-                let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+                let (wk, bias) = channel_weights::<R>(a, c, w);
                 for bi in 0..b {
                     padded(a, bi, c, l, w, xp);
-                    y.clear();
-                    y.resize(l as usize, bias);
-                    if a.seq_idx.is_none() {
-                        // Tap-outer loops over contiguous rows: they vectorise.
-                        for (k, &wv) in wk.iter().enumerate() {
-                            for (yt, &xv) in y.iter_mut().zip(&xp[k..k + l as usize]) {
-                                *yt = *yt + wv * xv;
-                            }
-                        }
-                    } else {
-                        for t in 0..l {
-                            for k in 0..w {
-                                if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
-                                    y[t as usize] =
-                                        y[t as usize] + wk[k as usize] * xp[(t + k) as usize];
-                                }
-                            }
-                        }
-                    }
+                    pre_row(a, bi, l, xp, &wk, bias, y);
                     if a.silu {
                         for v in y.iter_mut() {
                             *v = *v * super::sigmoid(*v);
@@ -328,37 +344,16 @@ unsafe fn bwd_t<R: Real + Send + Sync>(
             let c = ci as i64;
             // SAFETY (this closure): as in the forward; this task writes channel c only.
             unsafe {
-                let wk: Vec<R> = (0..w)
-                    .map(|k| ld(a.weight, c * a.weight.stride(0) + k * a.weight.stride(1)))
-                    .collect();
-                let bias: R = a.bias.map_or(R::ZERO, |t| ld(t, c * t.stride(0)));
+                let (wk, bias) = channel_weights::<R>(a, c, w);
                 let mut dw = vec![R::ZERO; w as usize];
                 let mut db = R::ZERO;
-                let lu = l as usize;
                 for bi in 0..b {
                     padded(a, bi, c, l, w, xp);
                     // g = dout * act'(pre), recomputing pre.
                     gp.clear();
                     load_row(g.dout, bi * g.dout.stride(0) + c * g.dout.stride(1), l, gp);
                     if a.silu {
-                        pre.clear();
-                        pre.resize(lu, bias);
-                        if a.seq_idx.is_none() {
-                            for (k, &wv) in wk.iter().enumerate() {
-                                for (p, &xv) in pre.iter_mut().zip(&xp[k..k + lu]) {
-                                    *p = *p + wv * xv;
-                                }
-                            }
-                        } else {
-                            for t in 0..l {
-                                for k in 0..w {
-                                    if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
-                                        pre[t as usize] =
-                                            pre[t as usize] + wk[k as usize] * xp[(t + k) as usize];
-                                    }
-                                }
-                            }
-                        }
+                        pre_row(a, bi, l, xp, &wk, bias, pre);
                         for (gv, &p) in gp.iter_mut().zip(pre.iter()) {
                             let s = super::sigmoid(p);
                             *gv = *gv * s * (R::ONE + p * (R::ONE - s));
