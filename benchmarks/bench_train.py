@@ -15,25 +15,12 @@ import argparse
 import os
 
 import torch
+from bench_cuda import cuda_ms  # CUDA-event median after warm-up
 
 import mamba_scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(768, 8, 2048), (2048, 4, 2048)]  # (d_model, batch, seqlen)
-
-
-def cuda_ms(fn, warmup=3, reps=15):
-    for _ in range(warmup):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]  # fmt: skip
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    return ts[len(ts) // 2]
 
 
 def main():

@@ -48,6 +48,16 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// A shape as Python prints a tuple: `(2, 3)`, `(4,)`, `()`.
+pub fn shape_str(shape: &[i64]) -> String {
+    let s: Vec<String> = shape.iter().map(|x| x.to_string()).collect();
+    if s.len() == 1 {
+        format!("({},)", s[0])
+    } else {
+        format!("({})", s.join(", "))
+    }
+}
+
 /// A borrowed strided tensor. Strides in elements.
 #[derive(Clone, Debug)]
 pub struct TensorView {
@@ -67,12 +77,7 @@ impl TensorView {
         self.shape.iter().product()
     }
     pub fn shape_str(&self) -> String {
-        let s: Vec<String> = self.shape.iter().map(|x| x.to_string()).collect();
-        if s.len() == 1 {
-            format!("({},)", s[0])
-        } else {
-            format!("({})", s.join(", "))
-        }
+        shape_str(&self.shape)
     }
     /// Stride of dimension `i`, or 0 when that dimension has size 1 (its stride is meaningless,
     /// and torch reports arbitrary values there).
@@ -195,12 +200,7 @@ pub struct IntView {
 
 impl IntView {
     pub fn shape_str(&self) -> String {
-        let s: Vec<String> = self.shape.iter().map(|x| x.to_string()).collect();
-        if s.len() == 1 {
-            format!("({},)", s[0])
-        } else {
-            format!("({})", s.join(", "))
-        }
+        shape_str(&self.shape)
     }
 }
 

@@ -121,13 +121,14 @@ fn function(st: &mut DeviceState, spec: Program, name: &'static str) -> Result<s
         })
 }
 
-fn in_type(d: DType) -> Result<u8> {
+/// The kernels' dtype code (0 float32, 1 float16, 2 bfloat16) of argument `arg`.
+fn in_type(d: DType, arg: &str) -> Result<u8> {
     match d {
         DType::F32 => Ok(0),
         DType::F16 => Ok(1),
         DType::BF16 => Ok(2),
         DType::F64 => Err(ScanError::DType {
-            arg: "u".into(),
+            arg: arg.into(),
             msg: "float64 is supported on the CPU only".into(),
         }),
     }
@@ -193,7 +194,7 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
 
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
     let p = &plan.params;
-    let it = in_type(plan.in_dtype)?;
+    let it = in_type(plan.in_dtype, "u")?;
     Ok(KernelSpec::new(
         backward,
         it,

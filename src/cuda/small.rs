@@ -9,7 +9,7 @@ use super::{device_state, driver_err, function, registry};
 use crate::cpu::conv1d::{ConvArgs, ConvGrads, check_backward, check_forward, check_update};
 use crate::cpu::state_update::{UpdateArgs, check};
 use crate::dlpack::{DType, Device, IntView, TensorView};
-use crate::error::{Result, ScanError, device_err, dtype_err, shape_err};
+use crate::error::{Result, ScanError, device_err, shape_err};
 use crate::params::{ConvParams, StateUpdateParams, TensorRef};
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
@@ -19,22 +19,10 @@ fn cdiv(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
 }
 
-fn float_code(t: &TensorView, arg: &str) -> Result<i32> {
-    match t.dtype {
-        DType::F32 => Ok(0),
-        DType::F16 => Ok(1),
-        DType::BF16 => Ok(2),
-        DType::F64 => Err(dtype_err(
-            arg,
-            "float64 is supported on the CPU only (the shim runs the PyTorch reference for it)",
-        )),
-    }
-}
-
 fn tref(t: &TensorView, arg: &str) -> Result<TensorRef> {
     let mut r = TensorRef {
         ptr: t.ptr,
-        dtype: float_code(t, arg)?,
+        dtype: super::in_type(t.dtype, arg)? as i32,
         ndim: t.ndim() as i32,
         stride: [0; 4],
     };
@@ -130,15 +118,11 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
     }
     // Lanes per row: 8 consecutive states each.
     let group = ((n.max(1) as u64).div_ceil(8).next_power_of_two() as i32).min(32);
-    let want = format!("state_update_s{}_g{group}", float_code(a.state, "state")?);
-    let name = super::compile::SMALL_ENTRIES
-        .iter()
-        .copied()
-        .find(|e| *e == want)
-        .ok_or_else(|| ScanError::Cuda {
-            name: "CUDA_ERROR_NOT_FOUND".into(),
-            msg: format!("kernel {want} missing from the small-kernel module"),
-        })?;
+    let want = format!(
+        "state_update_s{}_g{group}",
+        super::in_type(a.state.dtype, "state")?
+    );
+    let name = small_entry(&want)?;
     let mut idx = TensorRef::default();
     if let Some(iv) = a.device_indices {
         idx = int_ref(iv, "state_batch_indices", &[bt], s.device)?;
@@ -254,6 +238,12 @@ fn conv_blocks(p: &ConvParams) -> Result<u32> {
 /// missing one is an error, never another kernel).
 fn conv_entry(kind: &str, p: &ConvParams) -> Result<&'static str> {
     let want = format!("conv_{kind}_t{}_w{}", p.x.dtype, p.width);
+    small_entry(&want)
+}
+
+/// The entry point `want` of the small-kernel module, by name (a missing one is an error, never
+/// another kernel).
+fn small_entry(want: &str) -> Result<&'static str> {
     super::compile::SMALL_ENTRIES
         .iter()
         .copied()
@@ -360,7 +350,6 @@ pub fn conv_update(
         indices.map(|v| v.shape.iter().product::<i64>()),
     ];
     let (b, d, l, w) = check_update(x, state, weight, bias, out, dev, lens)?;
-    state.require_writable("conv_state")?;
     if state.shape[2] == 0 {
         return Err(shape_err("conv_state", "state_len must be >= 1 on CUDA"));
     }
