@@ -368,10 +368,232 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
     }
 }
 
+// The fast path (no seq_idx, no initial / final states, steps contiguous, rows 16-byte
+// aligned: the host checks): a warp owns one channel and 32 x kSegF consecutive steps, kSegF
+// per lane. Every load is issued before any is used (raw 16-byte words, converted after), so a
+// thread waits for memory once; the W - 1 neighbouring inputs (and, in the backward, gradients)
+// come from the adjacent lane by shuffle, and only the warp's edge lanes load one extra vector.
+// No shared memory; dweight / dbias are summed over the warp by shuffle.
+constexpr int kSegF = 16;
+
+// kN elements from base (16-byte aligned) as raw 16-byte words: vector loads when all kN are
+// valid, else element loads with zeros past `valid` (the row's tail; valid <= 0: no load).
+template <int kT, int kN>
+__device__ __forceinline__ void ld_raw(const typename InType<kT>::t* base, int valid,
+                                       uint4 (&r)[kN / Vec<kT>::n]) {
+    constexpr int V = Vec<kT>::n;
+    if (valid >= kN) {
+#pragma unroll
+        for (int i = 0; i < kN / V; ++i) r[i] = *reinterpret_cast<const uint4*>(base + i * V);
+    } else {
+#pragma unroll
+        for (int i = 0; i < kN / V; ++i) {
+            unsigned wv[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if constexpr (kT == 0) {
+                    const int j = i * V + q;
+                    wv[q] = j < valid ? __float_as_uint(base[j]) : 0u;
+                } else {
+                    const int j = i * V + 2 * q;
+                    const unsigned lo = j < valid ? (unsigned)base[j] : 0u;
+                    const unsigned hi = j + 1 < valid ? (unsigned)base[j + 1] : 0u;
+                    wv[q] = lo | (hi << 16);
+                }
+            }
+            r[i].x = wv[0];
+            r[i].y = wv[1];
+            r[i].z = wv[2];
+            r[i].w = wv[3];
+        }
+    }
+}
+template <int kT, int kN>
+__device__ __forceinline__ void raw_to_f(const uint4 (&r)[kN / Vec<kT>::n], float* v) {
+#pragma unroll
+    for (int i = 0; i < kN / Vec<kT>::n; ++i) {
+        const unsigned wv[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if constexpr (kT == 0) {
+                v[i * 4 + q] = __uint_as_float(wv[q]);
+            } else {
+                v[i * 8 + 2 * q] = to_f<kT>((u16)(wv[q] & 0xffffu));
+                v[i * 8 + 2 * q + 1] = to_f<kT>((u16)(wv[q] >> 16));
+            }
+        }
+    }
+}
+template <int kT, int kN>
+__device__ __forceinline__ void st_run(const TensorRef& t, long long row, int t0, int L, const float* v) {
+    typename InType<kT>::t* base = (typename InType<kT>::t*)t.ptr + row + t0;
+#pragma unroll
+    for (int i = 0; i < kN; i += Vec<kT>::n) store_vec<kT>(base + i, L - t0 - i, v + i);
+}
+
+struct FastTile {
+    int b, d, t0, ltile, lane;
+};
+__device__ __forceinline__ FastTile fast_tile(const ConvParams& p) {
+    FastTile c;
+    c.lane = threadIdx.x & 31;
+    c.d = (blockIdx.x / p.n_ltiles) * (kConvThreads / 32) + (threadIdx.x >> 5);
+    c.ltile = blockIdx.x % p.n_ltiles;
+    c.b = blockIdx.y;
+    c.t0 = c.ltile * (32 * kSegF) + c.lane * kSegF;
+    return c;
+}
+
+// The channel's taps and bias, any dtype: one uniform branch around all the loads, so they are
+// in flight together.
+template <int kW>
+__device__ __forceinline__ float conv_taps(const ConvParams& p, int d, float (&w)[kW]) {
+    const long long wo = (long long)d * p.weight.stride[0], ws = p.weight.stride[1];
+    if (p.weight.dtype == 0) {
+#pragma unroll
+        for (int k = 0; k < kW; ++k) w[k] = ((const float*)p.weight.ptr)[wo + k * ws];
+    } else {
+        u16 r[kW];
+#pragma unroll
+        for (int k = 0; k < kW; ++k) r[k] = ((const u16*)p.weight.ptr)[wo + k * ws];
+#pragma unroll
+        for (int k = 0; k < kW; ++k) w[k] = p.weight.dtype == 1 ? h2f(r[k]) : bf2f(r[k]);
+    }
+    return p.bias.ptr ? ld_any(p.bias, (long long)d * p.bias.stride[0]) : 0.f;
+}
+
+// xw[0 .. kW - 2] = x[t0 - (kW - 1) ..]: the previous lane's last inputs; lane 0 takes them
+// from `prev`, the vector that ends at t0 (zeros at t0 == 0).
+template <int kT, int kW, int kN>
+__device__ __forceinline__ void halo_before(const float (&own)[kSegF], const float* prev, int lane,
+                                            float (&xw)[kN]) {
+    constexpr int V = Vec<kT>::n;
+#pragma unroll
+    for (int j = 0; j < kW - 1; ++j) {
+        const float up = __shfl_up_sync(0xffffffffu, own[kSegF - (kW - 1) + j], 1);
+        xw[j] = lane == 0 ? prev[V - (kW - 1) + j] : up;
+    }
+}
+
+template <int kT, int kW>
+__device__ __forceinline__ void conv_fwd_fast(const ConvParams& p) {
+    typedef typename InType<kT>::t T;
+    const FastTile c = fast_tile(p);
+    if (c.d >= p.dim) return;  // warp-uniform: a warp is one channel
+    constexpr int V = Vec<kT>::n, kN = kSegF + kW - 1;
+    const int L = p.seqlen;
+    const T* xb = (const T*)p.x.ptr + (long long)c.b * p.x.stride[0] + (long long)c.d * p.x.stride[1];
+    uint4 rown[kSegF / V], rprev[1];
+    ld_raw<kT, kSegF>(xb + c.t0, L - c.t0, rown);
+    ld_raw<kT, V>(xb + c.t0 - V, c.lane == 0 && c.t0 > 0 ? V : 0, rprev);
+    float w[kW];
+    const float bias = conv_taps<kW>(p, c.d, w);
+    float own[kSegF], prev[V], xw[kN];
+    raw_to_f<kT, kSegF>(rown, own);
+    raw_to_f<kT, V>(rprev, prev);
+    halo_before<kT, kW, kN>(own, prev, c.lane, xw);
+#pragma unroll
+    for (int o = 0; o < kSegF; ++o) xw[kW - 1 + o] = own[o];
+    float y[kSegF];
+#pragma unroll
+    for (int o = 0; o < kSegF; ++o) {
+        float acc = bias;
+#pragma unroll
+        for (int k = 0; k < kW; ++k) acc += w[k] * xw[o + k];
+        if (p.silu) acc *= sigmoid_f(acc);
+        y[o] = acc;
+    }
+    const long long oo = (long long)c.b * p.out.stride[0] + (long long)c.d * p.out.stride[1];
+    st_run<kT, kSegF>(p.out, oo, c.t0, L, y);
+}
+
+template <int kT, int kW>
+__device__ __forceinline__ void conv_bwd_fast(const ConvParams& p) {
+    typedef typename InType<kT>::t T;
+    const FastTile c = fast_tile(p);
+    if (c.d >= p.dim) return;
+    constexpr int V = Vec<kT>::n;
+    constexpr int kG = kSegF + kW - 1;  // steps with a gradient g: the lane's own and the next W - 1
+    constexpr int kN = kG + kW - 1;     // their input window
+    const int L = p.seqlen;
+    const T* xb = (const T*)p.x.ptr + (long long)c.b * p.x.stride[0] + (long long)c.d * p.x.stride[1];
+    const T* gb = (const T*)p.dout.ptr + (long long)c.b * p.dout.stride[0] + (long long)c.d * p.dout.stride[1];
+    uint4 rown[kSegF / V], rg[kSegF / V], rprev[1], rnx[1], rng[1];
+    // The last lane also reads the first inputs and gradients of the next warp's steps.
+    const int tn = c.t0 + kSegF, nvalid = c.lane == 31 ? L - tn : 0;
+    ld_raw<kT, kSegF>(xb + c.t0, L - c.t0, rown);
+    ld_raw<kT, kSegF>(gb + c.t0, L - c.t0, rg);
+    ld_raw<kT, V>(xb + c.t0 - V, c.lane == 0 && c.t0 > 0 ? V : 0, rprev);
+    ld_raw<kT, V>(xb + tn, nvalid, rnx);
+    ld_raw<kT, V>(gb + tn, nvalid, rng);
+    float w[kW];
+    const float bias = conv_taps<kW>(p, c.d, w);
+    float own[kSegF], gown[kSegF], prev[V], nx[V], ng[V];
+    raw_to_f<kT, kSegF>(rown, own);
+    raw_to_f<kT, kSegF>(rg, gown);
+    raw_to_f<kT, V>(rprev, prev);
+    raw_to_f<kT, V>(rnx, nx);
+    raw_to_f<kT, V>(rng, ng);
+    float xw[kN], g[kG];
+    halo_before<kT, kW, kN>(own, prev, c.lane, xw);
+#pragma unroll
+    for (int o = 0; o < kSegF; ++o) {
+        xw[kW - 1 + o] = own[o];
+        g[o] = gown[o];
+    }
+#pragma unroll
+    for (int j = 0; j < kW - 1; ++j) {
+        const float xd = __shfl_down_sync(0xffffffffu, own[j], 1);
+        const float gd = __shfl_down_sync(0xffffffffu, gown[j], 1);
+        xw[kW - 1 + kSegF + j] = c.lane == 31 ? nx[j] : xd;
+        g[kSegF + j] = c.lane == 31 ? ng[j] : gd;  // zeros past the end
+    }
+    if (p.silu) {
+#pragma unroll
+        for (int o = 0; o < kG; ++o) {
+            float pre = bias;
+#pragma unroll
+            for (int k = 0; k < kW; ++k) pre += w[k] * xw[o + k];
+            const float sg = sigmoid_f(pre);
+            g[o] *= sg * (1.f + pre * (1.f - sg));
+        }
+    }
+    float dxs[kSegF], dw[kW + 1];
+#pragma unroll
+    for (int k = 0; k <= kW; ++k) dw[k] = 0.f;
+#pragma unroll
+    for (int o = 0; o < kSegF; ++o) {
+        float dx = 0.f;
+#pragma unroll
+        for (int j = 0; j < kW; ++j) dx += w[kW - 1 - j] * g[o + j];
+        dxs[o] = dx;
+#pragma unroll
+        for (int k = 0; k < kW; ++k) dw[k] += g[o] * xw[o + k];
+        dw[kW] += g[o];
+    }
+    const long long dxo = (long long)c.b * p.dx.stride[0] + (long long)c.d * p.dx.stride[1];
+    st_run<kT, kSegF>(p.dx, dxo, c.t0, L, dxs);
+    // The warp is one channel: its partial dweight / dbias is a shuffle sum, in a fixed order.
+#pragma unroll
+    for (int k = 0; k <= kW; ++k) {
+#pragma unroll
+        for (int m = 16; m > 0; m >>= 1) dw[k] += __shfl_xor_sync(0xffffffffu, dw[k], m);
+    }
+    if (c.lane == 0) {
+        float* ws = (float*)p.workspace_ptr +
+                    ((long long)(c.b * p.n_ltiles + c.ltile) * p.dim + c.d) * (kW + 1);
+#pragma unroll
+        for (int k = 0; k <= kW; ++k) ws[k] = dw[k];
+    }
+}
+
 #define CONV_ENTRIES(T, W)                                                                      \
     extern "C" __global__ void conv_fwd_t##T##_w##W(const ConvParams p) { conv_fwd_impl<T, W>(p); } \
     extern "C" __global__ void __launch_bounds__(kConvThreads, 1)                               \
-        conv_bwd_t##T##_w##W(const ConvParams p) { conv_bwd_impl<T, W>(p); }
+        conv_bwd_t##T##_w##W(const ConvParams p) { conv_bwd_impl<T, W>(p); }                    \
+    extern "C" __global__ void conv_fwdf_t##T##_w##W(const ConvParams p) { conv_fwd_fast<T, W>(p); } \
+    extern "C" __global__ void __launch_bounds__(kConvThreads, 3)                               \
+        conv_bwdf_t##T##_w##W(const ConvParams p) { conv_bwd_fast<T, W>(p); }
 CONV_ENTRIES(0, 2)
 CONV_ENTRIES(0, 3)
 CONV_ENTRIES(0, 4)

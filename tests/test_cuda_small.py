@@ -61,7 +61,9 @@ def conv_inputs(b, d, L, W, dtype, channel_last, h0, seq, seed=0):
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("channel_last", [False, True])
 @pytest.mark.parametrize("mode", ["plain", "states", "seq"])
-@pytest.mark.parametrize("L", [1, 3, 130, 1029])
+# 1040 and 1096: rows 16-byte aligned, so the plain channel-first case takes the fast kernels
+# (several warp tiles, a partial last tile; 1096 also a lane with a partial run).
+@pytest.mark.parametrize("L", [1, 3, 130, 1029, 1040, 1096])
 def test_conv_parity_fwd_bwd(dtype, width, channel_last, mode, L):
     h0, seq = mode == "states", mode == "seq"
     x, w, bias, h, s = conv_inputs(2, 40, L, width, dtype, channel_last, h0, seq, seed=L + width)
@@ -97,9 +99,10 @@ def test_conv_parity_fwd_bwd(dtype, width, channel_last, mode, L):
         within(f"{name} {dtype} W{width} {mode} L{L}", a, p, r)
 
 
-def test_conv_backward_is_deterministic():
-    x, w, bias, _, _ = conv_inputs(4, 256, 4099, 4, torch.bfloat16, False, False, False)
-    gout = torch.randn(4, 256, 4099, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("L", [4096, 4099])  # the fast and the general kernels
+def test_conv_backward_is_deterministic(L):
+    x, w, bias, _, _ = conv_inputs(4, 256, L, 4, torch.bfloat16, False, False, False)
+    gout = torch.randn(4, 256, L, device="cuda", dtype=torch.bfloat16)
     grads = []
     for _ in range(3):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, bias)]
@@ -122,6 +125,33 @@ def test_conv_inputs_unmodified_and_xz_view():
     ref = causal_conv1d_ref(x.double(), w.double(), activation="silu")
     pt = causal_conv1d_ref(x, w, activation="silu")
     within("xz view", out, pt, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("bias_on", [False, True])
+def test_conv_fast_path_weight_dtype_activation_xz_view(dtype, activation, bias_on):
+    """The fast kernels with weights in x's dtype, no activation / no bias, x a slice of xz."""
+    g = torch.Generator().manual_seed(11)
+    L = 2056
+    xz = torch.randn(3, 2 * 24, L, generator=g).to(dtype).cuda()
+    w = (torch.randn(24, 4, generator=g) * 0.5).to(dtype).cuda()
+    bias = torch.randn(24, generator=g).to(dtype).cuda() if bias_on else None
+    gout = torch.randn(3, 24, L, generator=g, dtype=torch.float64).cuda()
+
+    def run(fn, cast):
+        leaves = [t.detach().clone().to(cast(t)).requires_grad_() if t is not None else None
+                  for t in (xz, w, bias)]  # fmt: skip
+        out = fn(leaves[0][:, :24], leaves[1], leaves[2], activation=activation)
+        (out.double() * gout).sum().backward()
+        return [out] + [t.grad if t is not None else None for t in leaves]
+
+    f64 = run(causal_conv1d_ref, lambda t: torch.float64)
+    pt = run(causal_conv1d_ref, lambda t: t.dtype)
+    got = run(causal_conv1d_fn, lambda t: t.dtype)
+    for name, a, p, r in zip(["out", "dxz", "dweight", "dbias"], got, pt, f64):
+        if r is not None:
+            within(f"{name} {dtype} {activation}", a, p, r)
 
 
 # ------------------------------------------------------------------------ causal conv1d update

@@ -169,6 +169,25 @@ pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
 const CONV_THREADS: i64 = 256;
 /// Steps per thread (kSeg in small.cu).
 const CONV_STEPS: i64 = 8;
+/// Steps per lane of the fast kernels (`kSegF`): a warp covers 32 x this many steps.
+const CONV_FAST_STEPS: i64 = 16;
+
+/// The fast kernels' layout condition for a (batch, dim, seqlen) tensor: steps contiguous and
+/// every row starting 16-byte aligned (the kernels then load and store whole 16-byte words).
+fn rows_aligned(t: &TensorView) -> bool {
+    let v = if t.dtype == DType::F32 { 4 } else { 8 };
+    t.stride(2) == 1 && t.ptr % 16 == 0 && t.stride(0) % v == 0 && t.stride(1) % v == 0
+}
+
+/// Switches `p` to the fast kernels (tiles of 32 x CONV_FAST_STEPS steps) when none of the
+/// options they leave out is set and every (batch, dim, seqlen) tensor is `rows_aligned`.
+fn use_fast(p: &mut ConvParams, tensors: &[&TensorView], plain: bool) -> bool {
+    let fast = plain && p.l_fast != 0 && tensors.iter().all(|t| rows_aligned(t));
+    if fast {
+        p.n_ltiles = cdiv(p.seqlen as i64, 32 * CONV_FAST_STEPS).max(1) as i32;
+    }
+    fast
+}
 
 fn conv_width(w: i64) -> Result<i32> {
     if (2..=4).contains(&w) {
@@ -267,9 +286,11 @@ pub fn conv_forward(
     let mut p = conv_params(a, seq)?;
     p.out = tref(out, "out")?;
     p.final_states = opt_ref(final_states, "final_states_out")?;
+    let plain = seq.is_none() && a.initial_states.is_none() && final_states.is_none();
+    let kind = if use_fast(&mut p, &[a.x, out], plain) { "fwdf" } else { "fwd" };
     launch(
         ordinal,
-        conv_entry("fwd", &p)?,
+        conv_entry(kind, &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,
@@ -311,9 +332,15 @@ pub fn conv_backward(
     p.dbias = opt_ref(g.dbias, "dbias")?;
     p.dinitial = opt_ref(g.dinitial, "dinitial_states")?;
     p.workspace_ptr = workspace.ptr;
+    let plain = seq.is_none()
+        && a.initial_states.is_none()
+        && g.dfinal.is_none()
+        && g.dinitial.is_none();
+    // The fast tiles are longer, so the workspace sized for the general kernel holds them.
+    let kind = if use_fast(&mut p, &[a.x, g.dout, g.dx], plain) { "bwdf" } else { "bwd" };
     launch(
         ordinal,
-        conv_entry("bwd", &p)?,
+        conv_entry(kind, &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
         &p,

@@ -93,9 +93,12 @@ class MambaInnerFn(torch.autograd.Function):
         dy = (out_proj_weight.t() @ dout2.t()).view(d, batch, L).transpose(0, 1)
         dxz = torch.empty_like(xz)
         dz = dxz[:, d:]
+        # du is written in the (d, b l) layout of the x_proj product below, which then adds
+        # into it in place (cuBLAS' beta = 1): no separate pass for dconv = du + W_x^T dx_dbl^T.
+        du2 = torch.empty(d, batch * L, device=u.device, dtype=u.dtype)
         du, ddelta, dA, dB, dC, dD, _, ddelta_bias, _ = _backward(
             u, delta, A, B, C, D, z, delta_bias, None, states, dy, None, ctx.delta_softplus,
-            dz=dz,
+            du=du2.view(d, batch, L).transpose(0, 1), dz=dz,
         )  # fmt: skip
         # x_dbl = u^T W_x^T: its gradient collects ddelta (through W_dt), and dB / dC when
         # they are input-dependent.
@@ -120,9 +123,9 @@ class MambaInnerFn(torch.autograd.Function):
             dx_dbl[:, r + n :] = 0
         u2 = u.transpose(1, 2).reshape(batch * L, d)
         dx_proj_weight = dx_dbl.t() @ u2
-        # dconv = du + W_x^T dx_dbl^T, accumulated in the (d, b l) layout of the product.
-        dconv = (x_proj_weight.t() @ dx_dbl.t()).view(d, batch, L).transpose(0, 1)
-        dconv += du
+        # dconv = du + W_x^T dx_dbl^T, accumulated into du's (d, b l) storage.
+        du2.addmm_(x_proj_weight.t().to(du2.dtype), dx_dbl.t().to(du2.dtype))
+        dconv = du
         _, dw, db, _ = conv_backward(x, w, conv1d_bias, None, None, dconv, None, True,
                                      dx=dxz[:, :d])  # fmt: skip
         return (dxz, dw.view_as(conv1d_weight), db, dx_proj_weight, ddelta_proj_weight,
