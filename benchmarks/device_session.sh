@@ -17,7 +17,8 @@ if [ "$what" != tests ]; then
 fi
 if [ "$what" != bench ]; then
   TESTS="tests/test_cuda_small.py tests/test_conv1d.py tests/test_state_update.py tests/test_mamba_module.py"
-  [ "$QUICK" = 1 ] || TESTS="$TESTS tests/test_patch.py tests/test_ddp.py"
+  TESTS="$TESTS tests/test_patch.py tests/test_main.py tests/test_errors.py"
+  [ "$QUICK" = 1 ] || TESTS="$TESTS tests/test_ddp.py"
   timeout 300 python -m pytest -q -rf $TESTS \
     2>&1 | tee "$OUT/pytest_small_cuda.log" | tail -4
   [ "$QUICK" = 1 ] || timeout 200 python -m pytest -q tests/test_cuda.py \
@@ -34,7 +35,7 @@ tail -3 "$OUT/anchor_build.log" 2>/dev/null
 if [ "$what" != tests ]; then
   BENCH_OUT=$OUT timeout 150 python benchmarks/bench_train.py --anchors 2>&1 | tail -7
   BENCH_OUT=$OUT timeout 150 python benchmarks/bench_decode.py --anchors 2>&1 | tail -16
-  [ "$QUICK" = 1 ] || timeout 100 python benchmarks/profile_block.py --anchors > "$OUT/profile_block.txt" 2>&1
+  [ "$QUICK" = 1 ] && [ "$PROFILE" != 1 ] || timeout 100 python benchmarks/profile_block.py --anchors > "$OUT/profile_block.txt" 2>&1
   if [ "$SLOW" = 1 ]; then
     BENCH_OUT=$OUT timeout 100 python benchmarks/bench_train.py --slow-path --reps 3 --d-models 768 \
       --out train_block_slow.md 2>&1 | tail -5

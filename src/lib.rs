@@ -307,211 +307,43 @@ fn scan_bwd(
     run_detached(py, move || dispatch_backward(plan, stream))
 }
 
-/// One decoding step, `selective_state_update` (CPU tensors): updates `state` in place and
-/// writes `out`. Tensors are DLPack capsules with the heads axis present (see
-/// cpu::state_update); `state_batch_indices` is a list of ints (negative: padding row).
+/// An index argument: a list of ints for CPU calls (checked on the host), a DLPack capsule of an
+/// int32 / int64 tensor for CUDA calls (stays on the device).
+type IndexArg = (Option<Vec<i64>>, Option<dlpack::IntView>);
+
+fn index_arg(obj: Option<&Bound<'_, PyAny>>, arg: &str, cuda: bool) -> PyResult<IndexArg> {
+    match obj {
+        None => Ok((None, None)),
+        Some(o) if o.is_none() => Ok((None, None)),
+        // SAFETY: `o` is a live object borrowed under the GIL for the duration of this call.
+        Some(o) if cuda => Ok((
+            None,
+            Some(unsafe { dlpack::int_view_from_capsule(o.as_ptr(), arg) }?),
+        )),
+        Some(o) => Ok((
+            Some(o.extract::<Vec<i64>>().map_err(|_| {
+                PyErr::from(ScanError::DType {
+                    arg: arg.into(),
+                    msg: "expected a list of ints for CPU tensors".into(),
+                })
+            })?),
+            None,
+        )),
+    }
+}
+
+fn is_cuda(t: &TensorView) -> bool {
+    matches!(t.device, dlpack::Device::Cuda(_))
+}
+
+/// One decoding step, `selective_state_update`: updates `state` in place and writes `out`.
+/// Tensors are DLPack capsules with the heads axis present (see cpu::state_update);
+/// `state_batch_indices`: a list of ints (CPU) or an int tensor's capsule (CUDA), negative for
+/// padding rows; `stream`: the CUDA stream to launch on.
 #[pyfunction]
-#[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, out, dt_softplus, state_batch_indices=None))]
+#[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, out, dt_softplus, state_batch_indices=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn state_update(
-    py: Python<'_>,
-    state: &Bound<'_, PyAny>,
-    x: &Bound<'_, PyAny>,
-    dt: &Bound<'_, PyAny>,
-    a: &Bound<'_, PyAny>,
-    b: &Bound<'_, PyAny>,
-    c: &Bound<'_, PyAny>,
-    d: Option<&Bound<'_, PyAny>>,
-    z: Option<&Bound<'_, PyAny>>,
-    dt_bias: Option<&Bound<'_, PyAny>>,
-    out: &Bound<'_, PyAny>,
-    dt_softplus: bool,
-    state_batch_indices: Option<Vec<i64>>,
-) -> PyResult<()> {
-    let views = [
-        view(state, "state")?,
-        view(x, "x")?,
-        view(dt, "dt")?,
-        view(a, "A")?,
-        view(b, "B")?,
-        view(c, "C")?,
-        view(out, "out")?,
-    ];
-    let (dv, zv, biasv) = (
-        opt_view(d, "D")?,
-        opt_view(z, "z")?,
-        opt_view(dt_bias, "dt_bias")?,
-    );
-    let args = cpu::state_update::UpdateArgs {
-        state: &views[0],
-        x: &views[1],
-        dt: &views[2],
-        a: &views[3],
-        b: &views[4],
-        c: &views[5],
-        d: dv.as_ref(),
-        z: zv.as_ref(),
-        dt_bias: biasv.as_ref(),
-        out: &views[6],
-        indices: state_batch_indices.as_deref(),
-        device_indices: None,
-        dt_softplus,
-    };
-    cpu::state_update::check(&args, dlpack::Device::Cpu)?;
-    run_detached(py, move || {
-        // SAFETY: checked above; the shim holds the tensors for the call and gives a fresh `out`.
-        unsafe { cpu::state_update::run(&args) };
-        Ok(())
-    })
-}
-
-fn conv_args<'a>(
-    x: &'a TensorView,
-    weight: &'a TensorView,
-    bias: &'a Option<TensorView>,
-    seq_idx: &'a Option<Vec<i64>>,
-    initial: &'a Option<TensorView>,
-    silu: bool,
-) -> cpu::conv1d::ConvArgs<'a> {
-    cpu::conv1d::ConvArgs {
-        x,
-        weight,
-        bias: bias.as_ref(),
-        seq_idx: seq_idx.as_deref(),
-        initial_states: initial.as_ref(),
-        silu,
-    }
-}
-
-/// Causal depthwise convolution forward (CPU): writes `out` and, if given, `final_states`.
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, out, final_states, silu))]
-#[allow(clippy::too_many_arguments)]
-fn conv1d_fwd(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    weight: &Bound<'_, PyAny>,
-    bias: Option<&Bound<'_, PyAny>>,
-    seq_idx: Option<Vec<i64>>,
-    initial_states: Option<&Bound<'_, PyAny>>,
-    out: &Bound<'_, PyAny>,
-    final_states: Option<&Bound<'_, PyAny>>,
-    silu: bool,
-) -> PyResult<()> {
-    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
-    let (bv, hv) = (
-        opt_view(bias, "bias")?,
-        opt_view(initial_states, "initial_states")?,
-    );
-    let (ov, fv) = (
-        view(out, "out")?,
-        opt_view(final_states, "final_states_out")?,
-    );
-    let a = conv_args(&xv, &wv, &bv, &seq_idx, &hv, silu);
-    // SAFETY: `forward` checks every argument first; the shim holds the tensors for the call
-    // and passes fresh outputs.
-    run_detached(py, move || unsafe {
-        cpu::conv1d::forward(&a, &ov, fv.as_ref())
-    })
-}
-
-/// Causal depthwise convolution backward (CPU).
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, dout, dfinal, dx, dweight, dbias, dinitial, silu))]
-#[allow(clippy::too_many_arguments)]
-fn conv1d_bwd(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    weight: &Bound<'_, PyAny>,
-    bias: Option<&Bound<'_, PyAny>>,
-    seq_idx: Option<Vec<i64>>,
-    initial_states: Option<&Bound<'_, PyAny>>,
-    dout: &Bound<'_, PyAny>,
-    dfinal: Option<&Bound<'_, PyAny>>,
-    dx: &Bound<'_, PyAny>,
-    dweight: &Bound<'_, PyAny>,
-    dbias: Option<&Bound<'_, PyAny>>,
-    dinitial: Option<&Bound<'_, PyAny>>,
-    silu: bool,
-) -> PyResult<()> {
-    let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
-    let (bv, hv) = (
-        opt_view(bias, "bias")?,
-        opt_view(initial_states, "initial_states")?,
-    );
-    let (gov, gfv) = (view(dout, "dout")?, opt_view(dfinal, "dfinal_states")?);
-    let (dxv, dwv) = (view(dx, "dx")?, view(dweight, "dweight")?);
-    let (dbv, dhv) = (
-        opt_view(dbias, "dbias")?,
-        opt_view(dinitial, "dinitial_states")?,
-    );
-    let a = conv_args(&xv, &wv, &bv, &seq_idx, &hv, silu);
-    let g = cpu::conv1d::ConvGrads {
-        dout: &gov,
-        dfinal: gfv.as_ref(),
-        dx: &dxv,
-        dweight: &dwv,
-        dbias: dbv.as_ref(),
-        dinitial: dhv.as_ref(),
-    };
-    // SAFETY: as for the forward.
-    run_detached(py, move || unsafe { cpu::conv1d::backward(&a, &g) })
-}
-
-/// Decoding update of the causal convolution (CPU): `conv_state` updated in place.
-#[pyfunction]
-#[pyo3(signature = (x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out))]
-#[allow(clippy::too_many_arguments)]
-fn conv1d_update(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    conv_state: &Bound<'_, PyAny>,
-    weight: &Bound<'_, PyAny>,
-    bias: Option<&Bound<'_, PyAny>>,
-    silu: bool,
-    cache_seqlens: Option<Vec<i64>>,
-    conv_state_indices: Option<Vec<i64>>,
-    out: &Bound<'_, PyAny>,
-) -> PyResult<()> {
-    let (xv, sv, wv) = (
-        view(x, "x")?,
-        view(conv_state, "conv_state")?,
-        view(weight, "weight")?,
-    );
-    let (bv, ov) = (opt_view(bias, "bias")?, view(out, "out")?);
-    run_detached(py, move || {
-        // SAFETY: the shim holds the tensors and passes a fresh `out`.
-        unsafe {
-            cpu::conv1d::update(
-                &xv,
-                &sv,
-                &wv,
-                bv.as_ref(),
-                silu,
-                cache_seqlens.as_deref(),
-                conv_state_indices.as_deref(),
-                &ov,
-            )
-        }
-    })
-}
-
-fn opt_int_view(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<dlpack::IntView>> {
-    match obj {
-        None => Ok(None),
-        Some(o) if o.is_none() => Ok(None),
-        // SAFETY: `o` is a live object borrowed under the GIL for the duration of this call.
-        Some(o) => Ok(Some(unsafe {
-            dlpack::int_view_from_capsule(o.as_ptr(), arg)
-        }?)),
-    }
-}
-
-/// One decoding step of the scan on CUDA (`state` updated in place), on `stream`.
-#[pyfunction]
-#[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, out, dt_softplus, state_batch_indices, stream))]
-#[allow(clippy::too_many_arguments)]
-fn state_update_cuda(
     py: Python<'_>,
     state: &Bound<'_, PyAny>,
     x: &Bound<'_, PyAny>,
@@ -541,7 +373,8 @@ fn state_update_cuda(
         opt_view(z, "z")?,
         opt_view(dt_bias, "dt_bias")?,
     );
-    let iv = opt_int_view(state_batch_indices, "state_batch_indices")?;
+    let cuda = is_cuda(&views[0]);
+    let (host_ix, dev_ix) = index_arg(state_batch_indices, "state_batch_indices", cuda)?;
     let args = cpu::state_update::UpdateArgs {
         state: &views[0],
         x: &views[1],
@@ -553,18 +386,45 @@ fn state_update_cuda(
         z: zv.as_ref(),
         dt_bias: biasv.as_ref(),
         out: &views[6],
-        indices: None,
-        device_indices: iv.as_ref(),
+        indices: host_ix.as_deref(),
+        device_indices: dev_ix.as_ref(),
         dt_softplus,
     };
-    run_detached(py, move || cuda::small::state_update(&args, stream))
+    if cuda {
+        return run_detached(py, move || cuda::small::state_update(&args, stream));
+    }
+    cpu::state_update::check(&args, dlpack::Device::Cpu)?;
+    run_detached(py, move || {
+        // SAFETY: checked above; the shim holds the tensors for the call and gives a fresh `out`.
+        unsafe { cpu::state_update::run(&args) };
+        Ok(())
+    })
 }
 
-/// Causal depthwise convolution forward on CUDA.
+fn conv_args<'a>(
+    x: &'a TensorView,
+    weight: &'a TensorView,
+    bias: &'a Option<TensorView>,
+    seq_idx: &'a Option<Vec<i64>>,
+    initial: &'a Option<TensorView>,
+    silu: bool,
+) -> cpu::conv1d::ConvArgs<'a> {
+    cpu::conv1d::ConvArgs {
+        x,
+        weight,
+        bias: bias.as_ref(),
+        seq_idx: seq_idx.as_deref(),
+        initial_states: initial.as_ref(),
+        silu,
+    }
+}
+
+/// Causal depthwise convolution forward: writes `out` and, if given, `final_states`.
+/// `seq_idx`: a list of ints (CPU, row-major (batch, seqlen)) or an int tensor's capsule (CUDA).
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, out, final_states, silu, stream))]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, out, final_states, silu, stream=0))]
 #[allow(clippy::too_many_arguments)]
-fn conv1d_fwd_cuda(
+fn conv1d_fwd(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     weight: &Bound<'_, PyAny>,
@@ -581,22 +441,31 @@ fn conv1d_fwd_cuda(
         opt_view(bias, "bias")?,
         opt_view(initial_states, "initial_states")?,
     );
-    let sv = opt_int_view(seq_idx, "seq_idx")?;
     let (ov, fv) = (
         view(out, "out")?,
         opt_view(final_states, "final_states_out")?,
     );
-    let a = conv_args(&xv, &wv, &bv, &None, &hv, silu);
-    run_detached(py, move || {
-        cuda::small::conv_forward(&a, sv.as_ref(), &ov, fv.as_ref(), stream)
+    let cuda = is_cuda(&xv);
+    let (seq, seq_dev) = index_arg(seq_idx, "seq_idx", cuda)?;
+    let a = conv_args(&xv, &wv, &bv, &seq, &hv, silu);
+    if cuda {
+        return run_detached(py, move || {
+            cuda::small::conv_forward(&a, seq_dev.as_ref(), &ov, fv.as_ref(), stream)
+        });
+    }
+    // SAFETY: `forward` checks the arguments; the shim holds the tensors for the call and
+    // passes fresh outputs.
+    run_detached(py, move || unsafe {
+        cpu::conv1d::forward(&a, &ov, fv.as_ref())
     })
 }
 
-/// Causal depthwise convolution backward on CUDA (deterministic two-stage weight sums).
+/// Causal depthwise convolution backward; CUDA calls also take `workspace` (float32,
+/// `cuda_conv1d_workspace_size` elements) for the deterministic two-stage weight sums.
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, dout, dfinal, dx, dweight, dbias, dinitial, workspace, silu, stream))]
+#[pyo3(signature = (x, weight, bias, seq_idx, initial_states, dout, dfinal, dx, dweight, dbias, dinitial, silu, workspace=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
-fn conv1d_bwd_cuda(
+fn conv1d_bwd(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     weight: &Bound<'_, PyAny>,
@@ -609,8 +478,8 @@ fn conv1d_bwd_cuda(
     dweight: &Bound<'_, PyAny>,
     dbias: Option<&Bound<'_, PyAny>>,
     dinitial: Option<&Bound<'_, PyAny>>,
-    workspace: &Bound<'_, PyAny>,
     silu: bool,
+    workspace: Option<&Bound<'_, PyAny>>,
     stream: u64,
 ) -> PyResult<()> {
     let (xv, wv) = (view(x, "x")?, view(weight, "weight")?);
@@ -618,15 +487,16 @@ fn conv1d_bwd_cuda(
         opt_view(bias, "bias")?,
         opt_view(initial_states, "initial_states")?,
     );
-    let sv = opt_int_view(seq_idx, "seq_idx")?;
     let (gov, gfv) = (view(dout, "dout")?, opt_view(dfinal, "dfinal_states")?);
     let (dxv, dwv) = (view(dx, "dx")?, view(dweight, "dweight")?);
     let (dbv, dhv) = (
         opt_view(dbias, "dbias")?,
         opt_view(dinitial, "dinitial_states")?,
     );
-    let wsv = view(workspace, "workspace")?;
-    let a = conv_args(&xv, &wv, &bv, &None, &hv, silu);
+    let cuda = is_cuda(&xv);
+    let (seq, seq_dev) = index_arg(seq_idx, "seq_idx", cuda)?;
+    let wsv = opt_view(workspace, "workspace")?;
+    let a = conv_args(&xv, &wv, &bv, &seq, &hv, silu);
     let g = cpu::conv1d::ConvGrads {
         dout: &gov,
         dfinal: gfv.as_ref(),
@@ -635,9 +505,17 @@ fn conv1d_bwd_cuda(
         dbias: dbv.as_ref(),
         dinitial: dhv.as_ref(),
     };
-    run_detached(py, move || {
-        cuda::small::conv_backward(&a, sv.as_ref(), &g, &wsv, stream)
-    })
+    if cuda {
+        let ws = wsv.ok_or_else(|| ScanError::Shape {
+            arg: "workspace".into(),
+            msg: "required by the CUDA backward".into(),
+        })?;
+        return run_detached(py, move || {
+            cuda::small::conv_backward(&a, seq_dev.as_ref(), &g, &ws, stream)
+        });
+    }
+    // SAFETY: as for the forward.
+    run_detached(py, move || unsafe { cpu::conv1d::backward(&a, &g) })
 }
 
 /// float32 elements of workspace the CUDA conv1d backward needs for this x and width.
@@ -657,11 +535,12 @@ fn cuda_conv1d_workspace_size(x: &Bound<'_, PyAny>, width: i64) -> PyResult<i64>
     Ok(cuda::small::conv_bwd_workspace_elems(&xv, width))
 }
 
-/// Decoding update of the causal convolution on CUDA (`conv_state` updated in place).
+/// Decoding update of the causal convolution: `conv_state` updated in place. `cache_seqlens` /
+/// `conv_state_indices`: lists of ints (CPU) or int tensors' capsules (CUDA).
 #[pyfunction]
-#[pyo3(signature = (x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out, stream))]
+#[pyo3(signature = (x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out, stream=0))]
 #[allow(clippy::too_many_arguments)]
-fn conv1d_update_cuda(
+fn conv1d_update(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     conv_state: &Bound<'_, PyAny>,
@@ -679,20 +558,36 @@ fn conv1d_update_cuda(
         view(weight, "weight")?,
     );
     let (bv, ov) = (opt_view(bias, "bias")?, view(out, "out")?);
-    let cs = opt_int_view(cache_seqlens, "cache_seqlens")?;
-    let ix = opt_int_view(conv_state_indices, "conv_state_indices")?;
+    let cuda = is_cuda(&xv);
+    let (cs, cs_dev) = index_arg(cache_seqlens, "cache_seqlens", cuda)?;
+    let (ix, ix_dev) = index_arg(conv_state_indices, "conv_state_indices", cuda)?;
     run_detached(py, move || {
-        cuda::small::conv_update(
-            &xv,
-            &sv,
-            &wv,
-            bv.as_ref(),
-            silu,
-            cs.as_ref(),
-            ix.as_ref(),
-            &ov,
-            stream,
-        )
+        if cuda {
+            return cuda::small::conv_update(
+                &xv,
+                &sv,
+                &wv,
+                bv.as_ref(),
+                silu,
+                cs_dev.as_ref(),
+                ix_dev.as_ref(),
+                &ov,
+                stream,
+            );
+        }
+        // SAFETY: the shim holds the tensors and passes a fresh `out`.
+        unsafe {
+            cpu::conv1d::update(
+                &xv,
+                &sv,
+                &wv,
+                bv.as_ref(),
+                silu,
+                cs.as_deref(),
+                ix.as_deref(),
+                &ov,
+            )
+        }
     })
 }
 
@@ -803,10 +698,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(conv1d_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(conv1d_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(conv1d_update, m)?)?;
-    m.add_function(wrap_pyfunction!(state_update_cuda, m)?)?;
-    m.add_function(wrap_pyfunction!(conv1d_fwd_cuda, m)?)?;
-    m.add_function(wrap_pyfunction!(conv1d_bwd_cuda, m)?)?;
-    m.add_function(wrap_pyfunction!(conv1d_update_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_conv1d_workspace_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;

@@ -154,6 +154,23 @@ def test_conv_fast_path_weight_dtype_activation_xz_view(dtype, activation, bias_
             within(f"{name} {dtype} {activation}", a, p, r)
 
 
+def test_conv_bindings_name_bad_cuda_arguments():
+    """CUDA calls take index tensors on the device and a workspace for the backward."""
+    from mamba_scan import DTypeError, ShapeError, _native
+    from mamba_scan._boundary import capsule
+
+    x, w = torch.randn(2, 4, 9, device="cuda"), torch.randn(4, 3, device="cuda")
+    out = torch.empty_like(x)
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(DTypeError, match="seq_idx: expected int32 or int64; got float32"):
+        _native.conv1d_fwd(capsule(x), capsule(w), None, capsule(torch.zeros(2, 9, device="cuda")),
+                           None, capsule(out), None, True, stream)  # fmt: skip
+    with pytest.raises(ShapeError, match="workspace: required by the CUDA backward"):
+        _native.conv1d_bwd(capsule(x), capsule(w), None, None, None, capsule(out), None,
+                           capsule(torch.empty_like(x)), capsule(torch.empty_like(w)), None, None,
+                           True, None, stream)  # fmt: skip
+
+
 # ------------------------------------------------------------------------ causal conv1d update
 
 

@@ -106,27 +106,25 @@ def test_mixed_devices():
         selective_scan_fn(**inp)
 
 
-def test_cuda_bindings_refuse_cpu_tensors_and_bad_index_dtypes():
-    """The CUDA entry points of the small kernels name the argument on a CPU tensor or a
-    non-integer index tensor, before any driver call (runs without a GPU)."""
+def test_bindings_name_index_arguments_of_the_wrong_kind():
+    """One binding per op serves both devices: CPU tensors take index arguments as lists, and a
+    tensor capsule there is refused with the argument's name (runs without a GPU)."""
     from mamba_scan import _native
     from mamba_scan._boundary import capsule
 
     x, w = torch.randn(2, 4, 9), torch.randn(4, 3)
     out = torch.empty_like(x)
-    with pytest.raises(DeviceError, match="x: expected a CUDA tensor"):
-        _native.conv1d_fwd_cuda(capsule(x), capsule(w), None, None, None, capsule(out), None,
-                                True, 0)  # fmt: skip
-    with pytest.raises(DTypeError, match="seq_idx: expected int32 or int64; got float32"):
-        _native.conv1d_fwd_cuda(capsule(x), capsule(w), None, capsule(torch.zeros(2, 9)), None,
-                                capsule(out), None, True, 0)  # fmt: skip
+    with pytest.raises(DTypeError, match="seq_idx: expected a list of ints for CPU tensors"):
+        _native.conv1d_fwd(capsule(x), capsule(w), None, capsule(torch.zeros(2, 9, dtype=torch.int32)),
+                           None, capsule(out), None, True)  # fmt: skip
     st = torch.randn(2, 1, 4, 8)
     x3, A, B = torch.randn(2, 1, 4), -torch.rand(1, 4, 8), torch.randn(2, 1, 8)
-    with pytest.raises(DeviceError, match="state: expected a CUDA tensor"):
-        _native.state_update_cuda(capsule(st), capsule(x3), capsule(x3), capsule(A), capsule(B),
-                                  capsule(B), None, None, None, capsule(torch.empty_like(x3)),
-                                  False, None, 0)  # fmt: skip
-    with pytest.raises(DeviceError, match="x: expected a CUDA tensor"):
-        _native.conv1d_update_cuda(capsule(x[..., :1]), capsule(torch.randn(2, 4, 2)),
-                                   capsule(w), None, True, None, None,
-                                   capsule(torch.empty(2, 4, 1)), 0)  # fmt: skip
+    with pytest.raises(DTypeError, match="state_batch_indices: expected a list of ints"):
+        _native.state_update(capsule(st), capsule(x3), capsule(x3), capsule(A), capsule(B),
+                             capsule(B), None, None, None, capsule(torch.empty_like(x3)),
+                             False, capsule(torch.zeros(2, dtype=torch.int64)))  # fmt: skip
+    with pytest.raises(DTypeError, match="cache_seqlens: expected a list of ints"):
+        _native.conv1d_update(capsule(x[..., :1]), capsule(torch.randn(2, 4, 2)), capsule(w),
+                              None, True, capsule(torch.zeros(2, dtype=torch.int32)), None,
+                              capsule(torch.empty(2, 4, 1)))  # fmt: skip
+

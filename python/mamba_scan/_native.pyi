@@ -64,49 +64,25 @@ def state_update(
     dt_bias: Any | None,
     out: Any,
     dt_softplus: bool,
-    state_batch_indices: list[int] | None = None,
-) -> None: ...
-def state_update_cuda(
-    state: Any,
-    x: Any,
-    dt: Any,
-    a: Any,
-    b: Any,
-    c: Any,
-    d: Any | None,
-    z: Any | None,
-    dt_bias: Any | None,
-    out: Any,
-    dt_softplus: bool,
-    state_batch_indices: Any | None,  # capsule of an int32 / int64 CUDA tensor
-    stream: int,
+    state_batch_indices: list[int] | Any | None = None,  # list (CPU) or capsule (CUDA)
+    stream: int = 0,
 ) -> None: ...
 def conv1d_fwd(
     x: Any,
     weight: Any,
     bias: Any | None,
-    seq_idx: list[int] | None,
+    seq_idx: list[int] | Any | None,
     initial_states: Any | None,
     out: Any,
     final_states: Any | None,
     silu: bool,
-) -> None: ...
-def conv1d_fwd_cuda(
-    x: Any,
-    weight: Any,
-    bias: Any | None,
-    seq_idx: Any | None,  # capsule of an int tensor (batch, seqlen)
-    initial_states: Any | None,
-    out: Any,
-    final_states: Any | None,
-    silu: bool,
-    stream: int,
+    stream: int = 0,
 ) -> None: ...
 def conv1d_bwd(
     x: Any,
     weight: Any,
     bias: Any | None,
-    seq_idx: list[int] | None,
+    seq_idx: list[int] | Any | None,
     initial_states: Any | None,
     dout: Any,
     dfinal: Any | None,
@@ -115,45 +91,21 @@ def conv1d_bwd(
     dbias: Any | None,
     dinitial: Any | None,
     silu: bool,
+    workspace: Any | None = None,
+    stream: int = 0,
 ) -> None: ...
-def conv1d_bwd_cuda(
-    x: Any,
-    weight: Any,
-    bias: Any | None,
-    seq_idx: Any | None,
-    initial_states: Any | None,
-    dout: Any,
-    dfinal: Any | None,
-    dx: Any,
-    dweight: Any,
-    dbias: Any | None,
-    dinitial: Any | None,
-    workspace: Any,  # float32, cuda_conv1d_workspace_size(x, width) elements
-    silu: bool,
-    stream: int,
-) -> None: ...
-def cuda_conv1d_workspace_size(x: Any, width: int) -> int: ...
 def conv1d_update(
     x: Any,
     conv_state: Any,
     weight: Any,
     bias: Any | None,
     silu: bool,
-    cache_seqlens: list[int] | None,
-    conv_state_indices: list[int] | None,
+    cache_seqlens: list[int] | Any | None,
+    conv_state_indices: list[int] | Any | None,
     out: Any,
+    stream: int = 0,
 ) -> None: ...
-def conv1d_update_cuda(
-    x: Any,
-    conv_state: Any,
-    weight: Any,
-    bias: Any | None,
-    silu: bool,
-    cache_seqlens: Any | None,
-    conv_state_indices: Any | None,
-    out: Any,
-    stream: int,
-) -> None: ...
+def cuda_conv1d_workspace_size(x: Any, width: int) -> int: ...
 def cpu_chunk_size() -> int: ...
 def cpu_isa() -> str: ...
 def cpu_threads() -> int: ...

@@ -15,8 +15,14 @@ from .._native import DTypeError, ShapeError
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 
-def _ints(t):
-    return None if t is None else t.reshape(-1).tolist()
+def _ints(t, like):
+    """An index tensor for the native call: a list of ints for CPU calls (checked by the host),
+    a capsule for CUDA calls (stays on the device, no synchronisation)."""
+    if t is None:
+        return None
+    if like.is_cuda:
+        return capsule(t)
+    return t.reshape(-1).tolist()
 
 
 def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=False):
@@ -28,12 +34,9 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=Fa
         fin = new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1), x.dtype, x.device)
     if x.is_cuda:
         ensure_cuda_libs()
-        _native.conv1d_fwd_cuda(capsule(x), capsule(weight), capsule(bias), capsule(seq_idx),
-                                capsule(initial_states), capsule(out), capsule(fin), silu,
-                                stream_of(x))  # fmt: skip
-    else:
-        _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx),
-                           capsule(initial_states), capsule(out), capsule(fin), silu)  # fmt: skip
+    _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx, x),
+                       capsule(initial_states), capsule(out), capsule(fin), silu,
+                       stream_of(x))  # fmt: skip
     return out, fin
 
 
@@ -46,17 +49,15 @@ def conv_backward(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, 
     db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
     h0 = initial_states
     dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None and need_dinitial else None
+    ws = None
     if x.is_cuda:
         ws = torch.empty(_native.cuda_conv1d_workspace_size(capsule(x), weight.shape[1]),
                          dtype=torch.float32, device=x.device)  # fmt: skip
-        _native.conv1d_bwd_cuda(capsule(x), capsule(weight), capsule(bias), capsule(seq_idx),
-                                capsule(h0), capsule(dout), capsule(dfinal), capsule(dx),
-                                capsule(dw), capsule(db), capsule(dh), capsule(ws), silu,
-                                stream_of(x))  # fmt: skip
     else:
-        _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx),
-                           capsule(h0), capsule(dout.contiguous()), capsule(dfinal), capsule(dx),
-                           capsule(dw), capsule(db), capsule(dh), silu)  # fmt: skip
+        dout = dout.contiguous()
+    _native.conv1d_bwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx, x),
+                       capsule(h0), capsule(dout), capsule(dfinal), capsule(dx), capsule(dw),
+                       capsule(db), capsule(dh), silu, capsule(ws), stream_of(x))  # fmt: skip
     return dx, dw, db, dh
 
 
@@ -145,21 +146,17 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
     x3 = x if x.dim() == 3 else x.unsqueeze(-1)
-    if x.is_cuda and not any(
+    cuda_ok = x.is_cuda and not any(
         t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)
-    ):
-        ensure_cuda_libs()
-        out = new_empty(x3.shape, x.dtype, x.device)
-        _native.conv1d_update_cuda(capsule(x3), capsule(conv_state), capsule(weight),
-                                   capsule(bias), activation is not None, capsule(cache_seqlens),
-                                   capsule(conv_state_indices), capsule(out),
-                                   stream_of(x))  # fmt: skip
-        return out if x.dim() == 3 else out.squeeze(-1)
-    if x.is_cpu and conv_state.is_cpu and weight.is_cpu:
+    )
+    if cuda_ok or (x.is_cpu and conv_state.is_cpu and weight.is_cpu):
+        if x.is_cuda:
+            ensure_cuda_libs()
         out = new_empty(x3.shape, x.dtype, x.device)
         _native.conv1d_update(capsule(x3), capsule(conv_state), capsule(weight), capsule(bias),
-                              activation is not None, _ints(cache_seqlens),
-                              _ints(conv_state_indices), capsule(out))  # fmt: skip
+                              activation is not None, _ints(cache_seqlens, x),
+                              _ints(conv_state_indices, x), capsule(out),
+                              stream_of(x))  # fmt: skip
         return out if x.dim() == 3 else out.squeeze(-1)
     with torch.no_grad():
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens,

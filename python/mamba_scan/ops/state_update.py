@@ -56,15 +56,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     out = new_empty(x4.shape, x4.dtype, x4.device)
     if state.is_cuda:
         ensure_cuda_libs()
-        _native.state_update_cuda(
-            capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),
-            capsule(D4), capsule(z4), capsule(bias4), capsule(out), bool(dt_softplus),
-            capsule(state_batch_indices), stream_of(state),
-        )  # fmt: skip
-        return out if has_heads else out.squeeze(1)
-    idx = None if state_batch_indices is None else state_batch_indices.tolist()
+        idx = capsule(state_batch_indices)  # stays on the device
+    else:
+        idx = None if state_batch_indices is None else state_batch_indices.tolist()
     _native.state_update(
         capsule(st), capsule(x4), capsule(dt4), capsule(A4), capsule(B4), capsule(C4),
         capsule(D4), capsule(z4), capsule(bias4), capsule(out), bool(dt_softplus), idx,
+        stream_of(state),
     )  # fmt: skip
     return out if has_heads else out.squeeze(1)
