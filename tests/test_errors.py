@@ -127,4 +127,3 @@ def test_bindings_name_index_arguments_of_the_wrong_kind():
         _native.conv1d_update(capsule(x[..., :1]), capsule(torch.randn(2, 4, 2)), capsule(w),
                               None, True, capsule(torch.zeros(2, dtype=torch.int32)), None,
                               capsule(torch.empty(2, 4, 1)))  # fmt: skip
-

@@ -287,7 +287,11 @@ pub fn conv_forward(
     p.out = tref(out, "out")?;
     p.final_states = opt_ref(final_states, "final_states_out")?;
     let plain = seq.is_none() && a.initial_states.is_none() && final_states.is_none();
-    let kind = if use_fast(&mut p, &[a.x, out], plain) { "fwdf" } else { "fwd" };
+    let kind = if use_fast(&mut p, &[a.x, out], plain) {
+        "fwdf"
+    } else {
+        "fwd"
+    };
     launch(
         ordinal,
         conv_entry(kind, &p)?,
@@ -332,12 +336,14 @@ pub fn conv_backward(
     p.dbias = opt_ref(g.dbias, "dbias")?;
     p.dinitial = opt_ref(g.dinitial, "dinitial_states")?;
     p.workspace_ptr = workspace.ptr;
-    let plain = seq.is_none()
-        && a.initial_states.is_none()
-        && g.dfinal.is_none()
-        && g.dinitial.is_none();
+    let plain =
+        seq.is_none() && a.initial_states.is_none() && g.dfinal.is_none() && g.dinitial.is_none();
     // The fast tiles are longer, so the workspace sized for the general kernel holds them.
-    let kind = if use_fast(&mut p, &[a.x, g.dout, g.dx], plain) { "bwdf" } else { "bwd" };
+    let kind = if use_fast(&mut p, &[a.x, g.dout, g.dx], plain) {
+        "bwdf"
+    } else {
+        "bwd"
+    };
     launch(
         ordinal,
         conv_entry(kind, &p)?,
