@@ -66,11 +66,27 @@ __device__ __forceinline__ float rcp(float x) {
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
 
-// Per-step (not per-state) functions use the accurate libdevice versions, which NVRTC provides
-// without headers: their cost is 1/dstate of the scan's.
+// softplus with the accurate libdevice functions (NVRTC provides them without headers): for
+// float32 inputs and the decoding step.
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-// rcp.approx has at most 1 ulp of error: cheaper than the IEEE division, as accurate here.
-__device__ __forceinline__ float sigmoid_f(float x) { return rcp(1.f + expf(-x)); }
+// softplus from the MUFU's ex2 / lg2 (a third of the instructions), for 16-bit inputs: lg2.approx
+// is within 2^-22 absolute on [1, 2], far below the 2^-8 / 2^-11 relative rounding of the
+// bf16 / fp16 input it is applied to; tiny exp(x) take the series of log1p instead (relative
+// error < 2^-30 there).
+__device__ __forceinline__ float softplus_mufu(float x) {
+    const float e = ex2(x * LOG2E_F);
+    const float r = e < 0x1p-10f ? e * (1.f - e * (0.5f - e * (1.f / 3.f))) : LN2_F * lg2(1.f + e);
+    return x > 20.f ? x : r;
+}
+// 1 - exp(-dt) (= sigmoid(x) for dt = softplus(x)) for 16-bit inputs, the same way: the series
+// for small dt (relative error < 2^-30 below 2^-6), else ex2.
+__device__ __forceinline__ float one_minus_exp_neg_mufu(float dt) {
+    return dt < 0x1p-6f ? dt * (1.f - dt * (0.5f - dt * (1.f / 6.f - dt * (1.f / 24.f))))
+                        : 1.f - ex2(-dt * LOG2E_F);
+}
+// sigmoid from ex2 and rcp.approx (each within ~2 ulp): as accurate as the libdevice expf
+// followed by a division at this use, and a few instructions.
+__device__ __forceinline__ float sigmoid_f(float x) { return rcp(1.f + ex2(-x * LOG2E_F)); }
 
 __device__ __forceinline__ float shfl_xor(float v, int m, unsigned mask) {
     return __shfl_xor_sync(mask, v, m);

@@ -123,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     const float x = dt[k] + bias;
-                    dt[k] = k < valid ? (p.delta_softplus ? softplus_f(x) : x) : 0.f;
+                    dt[k] = k < valid ? (p.delta_softplus ? (kInType == 0 ? softplus_f(x) : softplus_mufu(x)) : x) : 0.f;
                 }
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
@@ -357,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, 
                         const float dt = s_dt[idx];
                         float gx = fmaf(s_u[idx], su, LN2_F * pdt[r]);
                         // d softplus(x) / dx = sigmoid(x) = 1 - exp(-softplus(x)), from dt itself.
-                        if (p.delta_softplus) gx *= -expm1f(-dt);
+                        if (p.delta_softplus) gx *= kInType == 0 ? -expm1f(-dt) : one_minus_exp_neg_mufu(dt);
                         s_u[idx] = fmaf(Dv, s_dy[idx], dt * su);
                         s_dt[idx] = gx;
                         if (t < len) dbc += gx;

@@ -94,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     const float x = dt[k] + bias;
-                    dt[k] = k < valid ? (p.delta_softplus ? softplus_f(x) : x) : 0.f;
+                    dt[k] = k < valid ? (p.delta_softplus ? (kInType == 0 ? softplus_f(x) : softplus_mufu(x)) : x) : 0.f;
                 }
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
