@@ -19,7 +19,9 @@
 
 #define TP (kChunk + 4)
 #define kU (kG > 4 ? kG : 4)
-#define kTs (kKS <= 4 ? 16 : 8)
+// 8 steps of register history per sub-tile: with 4 states per lane the kernel then fits in 168
+// registers (three 128-thread blocks per SM, 12 warps) without spills.
+#define kTs 8
 #define kUB 4
 // Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
 // slices are [warp][dB|dC][n][kFl + 1] in shared memory).
@@ -35,7 +37,7 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
     return (long long)p.batch * (p.dim / kch) * p.dstate * p.seqlen;
 }
 
-extern "C" __global__ void __launch_bounds__(128, 1) ssm_bwd(const SsmParams p, const int kch) {
+extern "C" __global__ void __launch_bounds__(128, kKS <= 4 ? 3 : 1) ssm_bwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
     constexpr int T = kChunk;

@@ -161,24 +161,34 @@ pub struct KernelSpec {
 pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
 pub const LAYOUTS_WIDE: [(u8, u8); 5] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32)];
 
+/// The backward's deep family: 8 states per lane from dstate 33 on (half the lanes per channel
+/// of the forward's layout, so half the per-step reductions and shuffles per state, and twice
+/// the channels per block: half the dB / dC partials). Same states per chunk as the forward.
+pub const LAYOUTS_BWD: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 8), (8, 16), (8, 32)];
+
 pub fn layout_for_dstate(dstate: i32, wide: bool) -> (u8, u8) {
+    layout_for(dstate, wide, false)
+}
+
+/// (states per lane, lanes per channel) of a dstate: the wide family when asked and it fits,
+/// else the deep family of the direction.
+pub fn layout_for(dstate: i32, wide: bool, backward: bool) -> (u8, u8) {
     let fits = |&(ks, g): &(u8, u8)| dstate <= ks as i32 * g as i32;
     if wide {
         if let Some(l) = LAYOUTS_WIDE.into_iter().find(fits) {
             return l;
         }
     }
-    LAYOUTS
-        .into_iter()
-        .find(fits)
-        .unwrap_or(LAYOUTS[LAYOUTS.len() - 1])
+    let deep = if backward { LAYOUTS_BWD } else { LAYOUTS };
+    deep.into_iter().find(fits).unwrap_or(deep[deep.len() - 1])
 }
 
-/// Steps per tile and per saved state: 64, then 32 and 16 as the padded dstate grows past 64 and
-/// 128 (the B / C tiles and dB / dC slices in shared memory grow with dstate).
+/// Steps per tile and per saved state: 32, and 16 past a padded dstate of 128 (the B / C tiles
+/// and dB / dC slices in shared memory grow with dstate). 32 keeps the backward's shared memory
+/// (staging, raw prefetch tiles) small enough for three blocks per SM.
 pub fn chunk_for_layout(ks: u8, g: u8) -> i32 {
     match ks as i32 * g as i32 {
-        0..=64 => 64,
+        0..=64 => 32,
         65..=128 => 32,
         _ => 16,
     }
@@ -194,7 +204,7 @@ impl KernelSpec {
         var_c: bool,
         has_z: bool,
     ) -> Self {
-        let (ks, g) = layout_for_dstate(dstate, wide);
+        let (ks, g) = layout_for(dstate, wide, backward);
         KernelSpec {
             backward,
             in_type,
@@ -220,7 +230,7 @@ impl KernelSpec {
     }
     /// Register sub-tile of the backward (steps of history per lane).
     pub fn sub_tile(&self) -> i32 {
-        if self.ks <= 4 { 16 } else { 8 }
+        8
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
         vec![
@@ -248,7 +258,8 @@ impl KernelSpec {
         let mut v = Vec::new();
         for backward in [false, true] {
             for in_type in 0..3u8 {
-                for (ks, g) in LAYOUTS.into_iter().chain(LAYOUTS_WIDE) {
+                let deep = if backward { LAYOUTS_BWD } else { LAYOUTS };
+                for (ks, g) in deep.into_iter().chain(LAYOUTS_WIDE) {
                     for var_b in [false, true] {
                         for var_c in [false, true] {
                             for has_z in [false, true] {

@@ -8,7 +8,9 @@ pub mod small;
 use crate::check::Plan;
 use crate::dlpack::{DType, Device};
 use crate::error::{Result, ScanError};
-use compile::{KernelSpec, Program, chunk_for_layout, compile_cached, layout_for_dstate};
+use compile::{
+    KernelSpec, Program, chunk_for_layout, compile_cached, layout_for, layout_for_dstate,
+};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -246,7 +248,7 @@ pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
     let tiles = [false, true]
         .into_iter()
         .map(|wide| {
-            let (_, g) = layout_for_dstate(p.dstate, wide);
+            let (_, g) = layout_for(p.dstate, wide, true);
             (p.dim / channels_per_block(p, g).max(1)) as i64
         })
         .max()
