@@ -17,7 +17,7 @@
 // per-(batch, channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a workspace slot each and
 // ssm_bwd_reduce adds the slots and the partials in a fixed order. Bitwise reproducible.
 
-#define TP (kChunk + 4)
+#define TP (kTile + 4)
 #define kU (kG > 4 ? kG : 4)
 // 8 steps of register history per sub-tile: with 4 states per lane the kernel then fits in 168
 // registers (three 128-thread blocks per SM, 12 warps) without spills.
@@ -37,10 +37,14 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
     return (long long)p.batch * (p.dim / kch) * p.dstate * p.seqlen;
 }
 
-extern "C" __global__ void __launch_bounds__(128, kKS <= 4 ? 3 : 1) ssm_bwd(const SsmParams p, const int kch) {
+// Three blocks per SM (<= 168 registers) where that compiles without spills and shared memory
+// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 16 per channel.
+#define kMinBlocks (kKS < 4 || (kKS * kG <= 16 && kTile <= 32) ? 3 : 1)
+
+extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
-    constexpr int T = kChunk;
+    constexpr int T = kTile;  // a multiple of kChunk, the forward's interval between saved states
     constexpr int NSUB = T / kTs;
     constexpr int VEC = Vec<kInType>::n;
     constexpr int MC = 32 / kG;  // channels per warp
@@ -105,12 +109,13 @@ extern "C" __global__ void __launch_bounds__(128, kKS <= 4 ? 3 : 1) ssm_bwd(cons
     float* ws_dB = ws + ws_chan_size(p);
     float* ws_dC = ws_dB + (kVarB ? ws_part_size(p, kch) : 0);
 
-    // Chunks run last to first. Iteration n_chunks only starts the copies of the last chunk;
+    // Tiles run last to first. Iteration n_tiles only starts the copies of the last tile;
     // each chunk starts those of the one before it as soon as its own inputs are converted.
-    for (int tile = p.n_chunks; tile >= 0; --tile) {
+    const int n_tiles = (L + T - 1) / T;
+    for (int tile = n_tiles; tile >= 0; --tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
-        if (tile < p.n_chunks) {
+        if (tile < n_tiles) {
             cp_async_wait_all();
             __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
@@ -176,7 +181,7 @@ extern "C" __global__ void __launch_bounds__(128, kKS <= 4 ? 3 : 1) ssm_bwd(cons
                 }
             }
         }
-        if (tile == p.n_chunks) continue;
+        if (tile == n_tiles) continue;
         // Per-chunk partial sums, added to the totals at the chunk's end (shorter fp32 sums).
         float dDc = 0.f, dbc = 0.f, dAc[kKS];
 #pragma unroll
@@ -190,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(128, kKS <= 4 ? 3 : 1) ssm_bwd(cons
                 const int n = j * kKS + s;
                 hb[0][s] = 0.f;
                 if (live && n < N) {
-                    if (tile > 0) hb[0][s] = states[(long long)(tile - 1) * N + n];
+                    if (tile > 0) hb[0][s] = states[(long long)(tile * (T / kChunk) - 1) * N + n];
                     else if (p.has_initial_state) hb[0][s] = ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n];
                 }
             }

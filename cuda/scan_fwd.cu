@@ -2,7 +2,7 @@
 //
 // Layout of the work: kG adjacent lanes own one channel, lane j the kKS states
 // n = j kKS + s (s < kKS) in registers for the whole sequence; a block owns `kch` channels of one
-// batch row (all in one B group and one C group) and walks the sequence in tiles of kChunk steps.
+// batch row (all in one B group and one C group) and walks the sequence in tiles of kTile steps.
 // Per tile the block stages, with 16-byte loads, dt = softplus(delta + bias), dt u, u (and z) of
 // its channels in shared memory ([channel][t], fp32, once per element for the whole block, not
 // per lane), and the variable B / C tile as [t][n]. The scan then reads dt and dt u four steps
@@ -14,17 +14,18 @@
 // after the tile, off the scan's latency chain. The state goes to HBM only at tile ends (for the backward and last_state). Steps past
 // the end of the sequence run with dt = 0, which leaves h unchanged.
 //
-// Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kChunk (steps per tile
-// and per saved state), kVarB, kVarC, kHasZ. Run-time argument kch: channels per block (blockDim
+// Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kTile (steps per
+// tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ. Run-time argument
+// kch: channels per block (blockDim
 // = max(32, kch kG); lanes past kch channels compute on zeros and write nothing).
 
-#define TP (kChunk + 4)
+#define TP (kTile + 4)
 #define kU (kG > 16 ? 16 : kG > 4 ? kG : 4)
 
 extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
-    constexpr int T = kChunk;
+    constexpr int T = kTile;  // steps per staged tile; the state is saved every kChunk steps
     constexpr int VEC = Vec<kInType>::n;
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
@@ -76,7 +77,8 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
 
     // Tile -1 only starts the copies of tile 0; each tile starts those of the next one as soon
     // as its own raw inputs are converted.
-    for (int tile = -1; tile < p.n_chunks; ++tile) {
+    const int n_tiles = (L + T - 1) / T;
+    for (int tile = -1; tile < n_tiles; ++tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
         if (tile >= 0) {
@@ -125,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             }
             __syncthreads();
         }
-        if (tile + 1 < p.n_chunks) {
+        if (tile + 1 < n_tiles) {
             // Start the copies of the next tile's raw inputs.
             const int nt0 = t0 + T;
             const int nlen = min(T, L - nt0);
@@ -179,14 +181,16 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
 #pragma unroll
                 for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
             }
-        }
-        if (live) {
-            if (N % kKS == 0 && (p.states_ptr & 15) == 0) {
-                if (j * kKS < N) st_states<kKS>(&states[(long long)tile * N + j * kKS], h);
-            } else {
+            // The state at each kChunk boundary (steps past the end leave h unchanged).
+            const int ci = (tile * T + t + kU) / kChunk - 1;
+            if (live && (t + kU) % kChunk == 0 && ci < p.n_chunks) {
+                if (N % kKS == 0 && (p.states_ptr & 15) == 0) {
+                    if (j * kKS < N) st_states<kKS>(&states[(long long)ci * N + j * kKS], h);
+                } else {
 #pragma unroll
-                for (int s = 0; s < kKS; ++s)
-                    if (j * kKS + s < N) states[(long long)tile * N + j * kKS + s] = h[s];
+                    for (int s = 0; s < kKS; ++s)
+                        if (j * kKS + s < N) states[(long long)ci * N + j * kKS + s] = h[s];
+                }
             }
         }
         __syncthreads();

@@ -24,6 +24,19 @@ def test_parity_grid_cuda(dtype, seqlen, dstate):
     check_parity(inp, label=f"cuda {dtype} L={seqlen} N={dstate}")
 
 
+@cuda
+@pytest.mark.parametrize("tile", ["32", "64"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("seqlen", [33, 255, 2048 + 5])
+def test_backward_tiles_cuda(tile, dtype, seqlen, monkeypatch):
+    """The backward's 32- and 64-step tiles (the saved states are 32 steps apart): the choice
+    is by grid size, so small test shapes would only see one of them."""
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_BWD_TILE", tile)
+    inp = make_inputs(batch=2, dim=16, seqlen=seqlen, dstate=16, dtype=DTYPES[dtype],
+                      device="cuda", has_h0=True, seed=seqlen)  # fmt: skip
+    check_parity(inp, label=f"cuda tile {tile} {dtype} L={seqlen}")
+
+
 BC = ["fixed", "var", "g1", "g2", "g4"]
 
 
@@ -114,21 +127,24 @@ def test_other_device_current():
 
 
 @cuda
+@pytest.mark.parametrize("tile", ["32", "64"])
 @pytest.mark.parametrize("layout", ["deep", "wide"])
 @pytest.mark.parametrize("dstate", [3, 5, 8, 16, 24, 33, 64, 128, 200, 256])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_every_layout_cuda(dstate, dtype, layout, monkeypatch):
+def test_every_layout_cuda(dstate, dtype, layout, tile, monkeypatch):
     """Each (states per lane, lanes per channel) layout of both families, incl. padded ones,
-    with a tail tile: output, last_state and every gradient."""
+    with a tail tile, and both backward tile lengths where a layout has two: output,
+    last_state and every gradient."""
     monkeypatch.setenv("MAMBA_SCAN_CUDA_LAYOUT", layout)
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_BWD_TILE", tile)
     inp = make_inputs(dim=8, seqlen=100, dstate=dstate, dtype=DTYPES[dtype], device="cuda",
                       has_h0=True, seed=dstate)  # fmt: skip
     check_parity(inp, label=f"cuda {dtype} N={dstate}")
 
 
 def test_chunk_size_rule():
-    assert _native.cuda_chunk_size(16) == 64
-    assert _native.cuda_chunk_size(1) == 64
-    assert _native.cuda_chunk_size(64) == 64
+    assert _native.cuda_chunk_size(16) == 32
+    assert _native.cuda_chunk_size(1) == 32
+    assert _native.cuda_chunk_size(64) == 32
     assert _native.cuda_chunk_size(65) == 32
     assert _native.cuda_chunk_size(256) == 16

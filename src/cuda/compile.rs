@@ -151,6 +151,9 @@ pub struct KernelSpec {
     pub var_b: bool,
     pub var_c: bool,
     pub has_z: bool,
+    /// Backward only, where `has_long_tile`: stage 64-step tiles (two saved-state intervals)
+    /// instead of one interval; fewer tile phases, more shared memory per block.
+    pub long_tile: bool,
 }
 
 /// (states per lane, lanes per channel) for each dstate class, smallest first. The deep family
@@ -213,7 +216,13 @@ impl KernelSpec {
             var_b,
             var_c,
             has_z,
+            long_tile: false,
         }
+    }
+    /// Whether a backward layout also comes with 64-step tiles: those of up to 4 states per
+    /// lane whose chunk is 32.
+    pub fn has_long_tile(ks: u8, g: u8) -> bool {
+        ks <= 4 && chunk_for_layout(ks, g) == 32
     }
     pub fn entry(&self) -> &'static str {
         if self.backward { "ssm_bwd" } else { "ssm_fwd" }
@@ -228,6 +237,17 @@ impl KernelSpec {
     pub fn chunk(&self) -> i32 {
         chunk_for_layout(self.ks, self.g)
     }
+    /// Steps per staged tile: the forward's is 64 where the chunk is 32 (fewer tile phases and
+    /// barriers on the sequential path; it saves the state twice per tile); the backward's is the
+    /// chunk, or 64 with `long_tile`.
+    pub fn tile(&self) -> i32 {
+        let c = self.chunk();
+        if (self.backward && !self.long_tile) || c != 32 {
+            c
+        } else {
+            64
+        }
+    }
     /// Register sub-tile of the backward (steps of history per lane).
     pub fn sub_tile(&self) -> i32 {
         8
@@ -241,6 +261,7 @@ impl KernelSpec {
             format!("-DkKS={}", self.ks),
             format!("-DkG={}", self.g),
             format!("-DkChunk={}", self.chunk()),
+            format!("-DkTile={}", self.tile()),
             format!("-DkVarB={}", self.var_b as i32),
             format!("-DkVarC={}", self.var_c as i32),
             format!("-DkHasZ={}", self.has_z as i32),
@@ -263,7 +284,7 @@ impl KernelSpec {
                     for var_b in [false, true] {
                         for var_c in [false, true] {
                             for has_z in [false, true] {
-                                v.push(KernelSpec {
+                                let spec = KernelSpec {
                                     backward,
                                     in_type,
                                     ks,
@@ -271,7 +292,15 @@ impl KernelSpec {
                                     var_b,
                                     var_c,
                                     has_z,
-                                });
+                                    long_tile: false,
+                                };
+                                v.push(spec);
+                                if backward && Self::has_long_tile(ks, g) {
+                                    v.push(KernelSpec {
+                                        long_tile: true,
+                                        ..spec
+                                    });
+                                }
                             }
                         }
                     }

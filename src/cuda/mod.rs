@@ -43,6 +43,8 @@ pub fn driver_present() -> Result<()> {
 struct DeviceState {
     ctx: sys::CUcontext,
     arch: String,
+    /// Streaming multiprocessors (the backward's tile choice counts waves of blocks).
+    sms: i32,
     funcs: HashMap<(Program, &'static str), sys::CUfunction>,
     /// Dynamic shared memory each function has been allowed so far (cuFuncSetAttribute once per
     /// function and size, not on every launch).
@@ -68,25 +70,20 @@ fn device_state(map: &mut HashMap<i32, DeviceState>, ordinal: i32) -> Result<&mu
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
         // SAFETY: valid device handle and attribute enums.
-        let (major, minor) = unsafe {
-            (
-                drv::device::get_attribute(
-                    dev,
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                )
-                .map_err(driver_err("cuDeviceGetAttribute"))?,
-                drv::device::get_attribute(
-                    dev,
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                )
-                .map_err(driver_err("cuDeviceGetAttribute"))?,
-            )
+        let attr = |a| unsafe {
+            // SAFETY: valid device handle and attribute enum.
+            drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"))
         };
+        use sys::CUdevice_attribute as A;
+        let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         map.insert(
             ordinal,
             DeviceState {
                 ctx,
                 arch: format!("sm_{major}{minor}"),
+                sms,
                 funcs: HashMap::new(),
                 smem_allowed: HashMap::new(),
             },
@@ -194,6 +191,27 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
     in_type == 0 || warps < if backward { 600 } else { 1056 }
 }
 
+/// Whether the backward stages 64-step tiles (see `KernelSpec::long_tile`). The 32-step
+/// kernels of 4 states per lane and up to 4 lanes per channel fit three blocks per SM instead of
+/// two; they pay off when that takes fewer waves of blocks. Elsewhere the longer tiles are
+/// faster (measured on the H200: long sequences, float32). MAMBA_SCAN_CUDA_BWD_TILE=32|64 forces
+/// the choice where both exist (tests).
+fn long_tile(spec: &KernelSpec, blocks: i64, sms: i32) -> bool {
+    if !KernelSpec::has_long_tile(spec.ks, spec.g) {
+        return false;
+    }
+    match std::env::var("MAMBA_SCAN_CUDA_BWD_TILE").as_deref() {
+        Ok("32") => return false,
+        Ok("64") => return true,
+        _ => {}
+    }
+    if spec.ks != 4 || spec.g > 4 {
+        return true;
+    }
+    let waves = |per_sm: i64| (blocks + per_sm * sms as i64 - 1) / (per_sm * sms as i64);
+    waves(3) >= waves(2)
+}
+
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
     let p = &plan.params;
     let it = in_type(plan.in_dtype, "u")?;
@@ -211,7 +229,7 @@ fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
 /// Shared memory (bytes) of one block; mirrors the carve-up at the top of each kernel: fp32
 /// tiles, then the raw (input dtype) tiles that cp.async fills one tile ahead.
 fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
-    let t = spec.chunk() as u32;
+    let t = spec.tile() as u32;
     let tp = t + 4;
     let esz = if spec.in_type == 0 { 4 } else { 2 };
     let rt = t + 16 / esz;
@@ -293,9 +311,13 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     }
     let kch = channels_per_block(&p, spec.g);
     let threads = threads_per_block(kch, spec.g);
-    let smem = smem_bytes(&spec, threads);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
     let st = device_state(&mut map, ordinal)?;
+    let spec = KernelSpec {
+        long_tile: backward && long_tile(&spec, (p.batch * (p.dim / kch)) as i64, st.sms),
+        ..spec
+    };
+    let smem = smem_bytes(&spec, threads);
     let prog = Program::Scan(spec);
     let main = function(st, prog, spec.entry())?;
     let mut pp = p;
@@ -394,7 +416,7 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
                 }
             };
             let name = format!(
-                "{} in{} ks{} g{} varB{} varC{} z{} chunk{}",
+                "{} in{} ks{} g{} varB{} varC{} z{} chunk{} tile{}",
                 spec.entry(),
                 spec.in_type,
                 spec.ks,
@@ -402,7 +424,8 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
                 spec.var_b as u8,
                 spec.var_c as u8,
                 spec.has_z as u8,
-                spec.chunk()
+                spec.chunk(),
+                spec.tile()
             );
             if use_cache {
                 compile_cached(&prog, arch)?;
