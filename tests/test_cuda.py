@@ -29,9 +29,9 @@ def test_parity_grid_cuda(dtype, seqlen, dstate):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("seqlen", [33, 255, 2048 + 5])
 def test_backward_tiles_cuda(tile, dtype, seqlen, monkeypatch):
-    """The backward's 32- and 64-step tiles (the saved states are 32 steps apart): the choice
-    is by grid size, so small test shapes would only see one of them."""
-    monkeypatch.setenv("MAMBA_SCAN_CUDA_BWD_TILE", tile)
+    """The 32- and 64-step tiles of the forward and the backward (the saved states are 32 steps
+    apart): the choice is by grid size, so small test shapes would only see one of them."""
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_TILE", tile)
     inp = make_inputs(batch=2, dim=16, seqlen=seqlen, dstate=16, dtype=DTYPES[dtype],
                       device="cuda", has_h0=True, seed=seqlen)  # fmt: skip
     check_parity(inp, label=f"cuda tile {tile} {dtype} L={seqlen}")
@@ -133,10 +133,10 @@ def test_other_device_current():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_every_layout_cuda(dstate, dtype, layout, tile, monkeypatch):
     """Each (states per lane, lanes per channel) layout of both families, incl. padded ones,
-    with a tail tile, and both backward tile lengths where a layout has two: output,
+    with a tail tile, and both tile lengths where a layout has two: output,
     last_state and every gradient."""
     monkeypatch.setenv("MAMBA_SCAN_CUDA_LAYOUT", layout)
-    monkeypatch.setenv("MAMBA_SCAN_CUDA_BWD_TILE", tile)
+    monkeypatch.setenv("MAMBA_SCAN_CUDA_TILE", tile)
     inp = make_inputs(dim=8, seqlen=100, dstate=dstate, dtype=DTYPES[dtype], device="cuda",
                       has_h0=True, seed=dstate)  # fmt: skip
     check_parity(inp, label=f"cuda {dtype} N={dstate}")

@@ -151,8 +151,8 @@ pub struct KernelSpec {
     pub var_b: bool,
     pub var_c: bool,
     pub has_z: bool,
-    /// Backward only, where `has_long_tile`: stage 64-step tiles (two saved-state intervals)
-    /// instead of one interval; fewer tile phases, more shared memory per block.
+    /// Where `has_long_tile`: stage 64-step tiles (two saved-state intervals) instead of one;
+    /// fewer tile phases and barriers, more shared memory per block (fewer resident blocks).
     pub long_tile: bool,
 }
 
@@ -219,10 +219,10 @@ impl KernelSpec {
             long_tile: false,
         }
     }
-    /// Whether a backward layout also comes with 64-step tiles: those of up to 4 states per
-    /// lane whose chunk is 32.
-    pub fn has_long_tile(ks: u8, g: u8) -> bool {
-        ks <= 4 && chunk_for_layout(ks, g) == 32
+    /// Whether a layout also comes with 64-step tiles: those whose chunk is 32 (in the backward,
+    /// of up to 4 states per lane).
+    pub fn has_long_tile(ks: u8, g: u8, backward: bool) -> bool {
+        chunk_for_layout(ks, g) == 32 && (!backward || ks <= 4)
     }
     pub fn entry(&self) -> &'static str {
         if self.backward { "ssm_bwd" } else { "ssm_fwd" }
@@ -237,16 +237,10 @@ impl KernelSpec {
     pub fn chunk(&self) -> i32 {
         chunk_for_layout(self.ks, self.g)
     }
-    /// Steps per staged tile: the forward's is 64 where the chunk is 32 (fewer tile phases and
-    /// barriers on the sequential path; it saves the state twice per tile); the backward's is the
-    /// chunk, or 64 with `long_tile`.
+    /// Steps per staged tile: the chunk, or 64 with `long_tile` (two chunks per tile: the
+    /// forward saves the state twice per tile, the backward reads every other saved state).
     pub fn tile(&self) -> i32 {
-        let c = self.chunk();
-        if (self.backward && !self.long_tile) || c != 32 {
-            c
-        } else {
-            64
-        }
+        if self.long_tile { 64 } else { self.chunk() }
     }
     /// Register sub-tile of the backward (steps of history per lane).
     pub fn sub_tile(&self) -> i32 {
@@ -295,7 +289,7 @@ impl KernelSpec {
                                     long_tile: false,
                                 };
                                 v.push(spec);
-                                if backward && Self::has_long_tile(ks, g) {
+                                if Self::has_long_tile(ks, g, backward) {
                                     v.push(KernelSpec {
                                         long_tile: true,
                                         ..spec

@@ -46,6 +46,8 @@ struct DeviceState {
     /// Streaming multiprocessors (the backward's tile choice counts waves of blocks).
     sms: i32,
     funcs: HashMap<(Program, &'static str), sys::CUfunction>,
+    /// Resident blocks per SM of a scan kernel for a block size (the occupancy calculator, once).
+    occupancy: HashMap<(Program, u32), i32>,
     /// Dynamic shared memory each function has been allowed so far (cuFuncSetAttribute once per
     /// function and size, not on every launch).
     smem_allowed: HashMap<(Program, &'static str), u32>,
@@ -86,6 +88,7 @@ fn device_state(map: &mut HashMap<i32, DeviceState>, ordinal: i32) -> Result<&mu
                 sms,
                 funcs: HashMap::new(),
                 smem_allowed: HashMap::new(),
+                occupancy: HashMap::new(),
             },
         );
     }
@@ -191,25 +194,75 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
     in_type == 0 || warps < if backward { 600 } else { 1056 }
 }
 
-/// Whether the backward stages 64-step tiles (see `KernelSpec::long_tile`). The 32-step
-/// kernels of 4 states per lane and up to 4 lanes per channel fit three blocks per SM instead of
-/// two; they pay off when that takes fewer waves of blocks. Elsewhere the longer tiles are
-/// faster (measured on the H200: long sequences, float32). MAMBA_SCAN_CUDA_BWD_TILE=32|64 forces
-/// the choice where both exist (tests).
-fn long_tile(spec: &KernelSpec, blocks: i64, sms: i32) -> bool {
-    if !KernelSpec::has_long_tile(spec.ks, spec.g) {
-        return false;
+/// A scan kernel loaded and allowed its shared memory for `threads`-thread blocks: (function,
+/// dynamic shared memory bytes, resident blocks per SM from the driver's occupancy calculator).
+fn prepared(
+    st: &mut DeviceState,
+    spec: KernelSpec,
+    threads: u32,
+) -> Result<(sys::CUfunction, u32, i32)> {
+    let prog = Program::Scan(spec);
+    let f = function(st, prog, spec.entry())?;
+    let smem = smem_bytes(&spec, threads);
+    if let Some(&occ) = st.occupancy.get(&(prog, threads)) {
+        return Ok((f, smem, occ));
     }
-    match std::env::var("MAMBA_SCAN_CUDA_BWD_TILE").as_deref() {
-        Ok("32") => return false,
-        Ok("64") => return true,
+    // SAFETY: `f` belongs to the current context; attribute and sizes are valid.
+    let occ = unsafe {
+        let allowed = st
+            .smem_allowed
+            .get(&(prog, spec.entry()))
+            .copied()
+            .unwrap_or(48 * 1024);
+        if smem > allowed {
+            drv::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(driver_err("cuFuncSetAttribute"))?;
+            st.smem_allowed.insert((prog, spec.entry()), smem);
+        }
+        drv::occupancy::max_active_block_per_multiprocessor(f, threads as i32, smem as usize)
+            .map_err(driver_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?
+    };
+    st.occupancy.insert((prog, threads), occ);
+    Ok((f, smem, occ))
+}
+
+/// The tile length of a call where the layout has two (`KernelSpec::long_tile`): the 32-step
+/// kernels keep more blocks resident per SM (less shared memory, and in the backward <= 168
+/// registers); they are taken when that needs fewer waves of `blocks`, the 64-step ones
+/// otherwise (fewer tile phases: faster per block, e.g. for long sequences over few channels).
+/// MAMBA_SCAN_CUDA_TILE=32|64 forces the choice (tests).
+fn choose_tile(
+    st: &mut DeviceState,
+    spec: KernelSpec,
+    threads: u32,
+    blocks: i64,
+) -> Result<KernelSpec> {
+    if !KernelSpec::has_long_tile(spec.ks, spec.g, spec.backward) {
+        return Ok(spec);
+    }
+    let long = KernelSpec {
+        long_tile: true,
+        ..spec
+    };
+    match std::env::var("MAMBA_SCAN_CUDA_TILE").as_deref() {
+        Ok("32") => return Ok(spec),
+        Ok("64") => return Ok(long),
         _ => {}
     }
-    if spec.ks != 4 || spec.g > 4 {
-        return true;
-    }
-    let waves = |per_sm: i64| (blocks + per_sm * sms as i64 - 1) / (per_sm * sms as i64);
-    waves(3) >= waves(2)
+    let sms = st.sms.max(1) as i64;
+    let per_wave = |occ: i32| occ.max(1) as i64 * sms;
+    let (_, _, occ32) = prepared(st, spec, threads)?;
+    let (_, _, occ64) = prepared(st, long, threads)?;
+    let waves = |occ: i32| (blocks + per_wave(occ) - 1) / per_wave(occ);
+    Ok(if waves(occ32) < waves(occ64) {
+        spec
+    } else {
+        long
+    })
 }
 
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
@@ -313,33 +366,16 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     let threads = threads_per_block(kch, spec.g);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
     let st = device_state(&mut map, ordinal)?;
-    let spec = KernelSpec {
-        long_tile: backward && long_tile(&spec, (p.batch * (p.dim / kch)) as i64, st.sms),
-        ..spec
-    };
-    let smem = smem_bytes(&spec, threads);
+    let blocks = p.batch as i64 * (p.dim / kch) as i64;
+    let spec = choose_tile(st, spec, threads, blocks)?;
+    let (main, smem, _) = prepared(st, spec, threads)?;
     let prog = Program::Scan(spec);
-    let main = function(st, prog, spec.entry())?;
     let mut pp = p;
     let mut kch_arg = kch;
     // SAFETY: the functions belong to the current context; the arguments are passed by value
     // (the driver copies them at launch); the stream is the caller's live stream on this device;
     // every pointer in `p` was validated by plan_forward / plan_backward.
     unsafe {
-        let allowed = st
-            .smem_allowed
-            .get(&(prog, spec.entry()))
-            .copied()
-            .unwrap_or(48 * 1024);
-        if smem > allowed {
-            drv::function::set_function_attribute(
-                main,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(driver_err("cuFuncSetAttribute"))?;
-            st.smem_allowed.insert((prog, spec.entry()), smem);
-        }
         if p.batch > 0 && p.dim > 0 {
             let mut args = [
                 &mut pp as *mut _ as *mut c_void,
