@@ -253,16 +253,23 @@ fn choose_tile(
         Ok("64") => return Ok(long),
         _ => {}
     }
-    let sms = st.sms.max(1) as i64;
-    let per_wave = |occ: i32| occ.max(1) as i64 * sms;
     let (_, _, occ32) = prepared(st, spec, threads)?;
     let (_, _, occ64) = prepared(st, long, threads)?;
-    let waves = |occ: i32| (blocks + per_wave(occ) - 1) / per_wave(occ);
-    Ok(if waves(occ32) < waves(occ64) {
+    Ok(if fewer_waves(blocks, st.sms, occ32, occ64) {
         spec
     } else {
         long
     })
+}
+
+/// Whether `blocks` take fewer waves over `sms` SMs at `occ_a` resident blocks per SM than at
+/// `occ_b` (a zero occupancy counts as one).
+fn fewer_waves(blocks: i64, sms: i32, occ_a: i32, occ_b: i32) -> bool {
+    let waves = |occ: i32| {
+        let per_wave = occ.max(1) as i64 * sms.max(1) as i64;
+        (blocks + per_wave - 1) / per_wave
+    };
+    waves(occ_a) < waves(occ_b)
 }
 
 fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
@@ -477,6 +484,18 @@ pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u3
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tile_choice_counts_waves() {
+        // The H200's main shape: 384 blocks; 3 per SM fit one wave of 396, 2 per SM need two.
+        assert!(fewer_waves(384, 132, 3, 2));
+        // 512 blocks: two waves either way, so the longer tiles (ties go to them).
+        assert!(!fewer_waves(512, 132, 3, 2));
+        // Few blocks: one wave either way.
+        assert!(!fewer_waves(160, 132, 5, 3));
+        assert!(fewer_waves(3072, 132, 5, 3));
+        assert!(!fewer_waves(10, 132, 0, 0));
+    }
+
     use super::*;
 
     /// Every specialisation at its largest block fits the 227 KB of shared memory of sm_80/sm_90.
