@@ -1,10 +1,11 @@
 // Backward selective scan, and the deterministic second-stage reduction.
 //
 // Same work layout as the forward (kG lanes per channel, lane j the states j kKS + s; a block
-// owns `kch` channels of one batch row). Chunks (kChunk steps, one saved state each) are walked
-// in reverse; per chunk the block stages u, x = delta + bias, dt, dt u, dout and z with 16-byte
-// loads, and the B / C tiles. Then, per lane:
-//   1. from the chunk's saved start state, a forward pass keeps the state at the start of each
+// owns `kch` channels of one batch row). Tiles of kTile steps (one or two of the forward's
+// kChunk-step intervals between saved states) are walked in reverse; per tile the block stages
+// u, x = delta + bias, dt, dt u, dout and z with 16-byte loads, and the B / C tiles. Then, per
+// lane:
+//   1. from the tile's saved start state, a forward pass keeps the state at the start of each
 //      kTs-step sub-tile (in registers);
 //   2. for each sub-tile, last first: recompute its kTs steps into registers (the history h_t),
 //      with y_t for the gate gradients (dz, and dy = dout z sigmoid(z)); then the reverse scan
@@ -12,8 +13,8 @@
 //        ddt_t = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1},  du_t = D dy_t + dt_t sum_n g_t B_t,
 //        dA += dt_t g_t a_t h_{t-1}.
 // Sums over n (the channel's lanes) use the reduce-scatter; variable dB / dC are summed over the
-// warp's channels by a reduce-scatter too, then over the block's warps in shared memory in a
-// fixed order and written as one partial per block and step. Nothing is reduced with atomics:
+// warp's channels through shared-memory scratch, then over the block's warps in shared memory in
+// a fixed order and written as one partial per block and step. Nothing is reduced with atomics:
 // per-(batch, channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a workspace slot each and
 // ssm_bwd_reduce adds the slots and the partials in a fixed order. Bitwise reproducible.
 
@@ -110,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     float* ws_dC = ws_dB + (kVarB ? ws_part_size(p, kch) : 0);
 
     // Tiles run last to first. Iteration n_tiles only starts the copies of the last tile;
-    // each chunk starts those of the one before it as soon as its own inputs are converted.
+    // each tile starts those of the one before it as soon as its own inputs are converted.
     const int n_tiles = (L + T - 1) / T;
     for (int tile = n_tiles; tile >= 0; --tile) {
         const int t0 = tile * T;

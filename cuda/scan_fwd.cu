@@ -11,13 +11,14 @@
 // partial sums and one reduce-scatter leaves kU / kG finished steps in each lane, which writes
 // them over dt in shared memory (all lanes of the channel have read those dt values before the
 // shuffles); the D skip, the z gate and the 16-byte stores run vectorised over the whole block
-// after the tile, off the scan's latency chain. The state goes to HBM only at tile ends (for the backward and last_state). Steps past
-// the end of the sequence run with dt = 0, which leaves h unchanged.
+// after the tile, off the scan's latency chain. The state goes to HBM only every kChunk steps
+// (for the backward and last_state). Steps past the end of the sequence run with dt = 0, which
+// leaves h unchanged.
 //
 // Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kTile (steps per
 // tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ. Run-time argument
-// kch: channels per block (blockDim
-// = max(32, kch kG); lanes past kch channels compute on zeros and write nothing).
+// kch: channels per block (blockDim = max(32, kch kG); lanes past kch channels compute on zeros
+// and write nothing).
 
 #define TP (kTile + 4)
 #define kU (kG > 16 ? 16 : kG > 4 ? kG : 4)
