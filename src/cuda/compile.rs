@@ -169,10 +169,6 @@ pub const LAYOUTS_WIDE: [(u8, u8); 5] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32
 /// the channels per block: half the dB / dC partials). Same states per chunk as the forward.
 pub const LAYOUTS_BWD: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 8), (8, 16), (8, 32)];
 
-pub fn layout_for_dstate(dstate: i32, wide: bool) -> (u8, u8) {
-    layout_for(dstate, wide, false)
-}
-
 /// (states per lane, lanes per channel) of a dstate: the wide family when asked and it fits,
 /// else the deep family of the direction.
 pub fn layout_for(dstate: i32, wide: bool, backward: bool) -> (u8, u8) {
@@ -186,15 +182,14 @@ pub fn layout_for(dstate: i32, wide: bool, backward: bool) -> (u8, u8) {
     deep.into_iter().find(fits).unwrap_or(deep[deep.len() - 1])
 }
 
+/// Register sub-tile of the backward (steps of history per lane: `kTs` in scan_bwd.cu).
+pub const BWD_SUB_TILE: u32 = 8;
+
 /// Steps per tile and per saved state: 32, and 16 past a padded dstate of 128 (the B / C tiles
 /// and dB / dC slices in shared memory grow with dstate). 32 keeps the backward's shared memory
 /// (staging, raw prefetch tiles) small enough for three blocks per SM.
 pub fn chunk_for_layout(ks: u8, g: u8) -> i32 {
-    match ks as i32 * g as i32 {
-        0..=64 => 32,
-        65..=128 => 32,
-        _ => 16,
-    }
+    if ks as i32 * g as i32 <= 128 { 32 } else { 16 }
 }
 
 impl KernelSpec {
@@ -241,10 +236,6 @@ impl KernelSpec {
     /// forward saves the state twice per tile, the backward reads every other saved state).
     pub fn tile(&self) -> i32 {
         if self.long_tile { 64 } else { self.chunk() }
-    }
-    /// Register sub-tile of the backward (steps of history per lane).
-    pub fn sub_tile(&self) -> i32 {
-        8
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
         vec![

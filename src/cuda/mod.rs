@@ -8,9 +8,7 @@ pub mod small;
 use crate::check::Plan;
 use crate::dlpack::{DType, Device};
 use crate::error::{Result, ScanError};
-use compile::{
-    KernelSpec, Program, chunk_for_layout, compile_cached, layout_for, layout_for_dstate,
-};
+use compile::{BWD_SUB_TILE, KernelSpec, Program, chunk_for_layout, compile_cached, layout_for};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -139,7 +137,7 @@ fn in_type(d: DType, arg: &str) -> Result<u8> {
 /// Steps per saved state for a given dstate on CUDA (the shim sizes `states` with it).
 pub fn chunk_size(dstate: i32) -> i32 {
     // Both layout families of a dstate share the chunk (the forward's saved states).
-    let (ks, g) = layout_for_dstate(dstate, false);
+    let (ks, g) = layout_for(dstate, false, false);
     chunk_for_layout(ks, g)
 }
 
@@ -189,7 +187,7 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
         Ok("wide") => return true,
         _ => {}
     }
-    let (_, g) = layout_for_dstate(p.dstate, false);
+    let (_, g) = layout_for(p.dstate, false, false);
     let warps = p.batch as i64 * p.dim as i64 * g as i64 / 32;
     in_type == 0 || warps < if backward { 600 } else { 1056 }
 }
@@ -298,7 +296,7 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let nvar = spec.var_b as u32 + spec.var_c as u32;
     let z = spec.has_z as u32;
     let (floats, raw_rows) = if spec.backward {
-        let ts = spec.sub_tile() as u32;
+        let ts = BWD_SUB_TILE;
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
             (threads / 32) * 2 * np * (if np > 64 { 4 } else { ts } + 1)
