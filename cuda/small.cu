@@ -223,15 +223,31 @@ __device__ __forceinline__ bool tap_ok(const ConvParams& p, const int (&sw)[kN],
     return !p.seq_idx.ptr || (sw[o + k] >= 0 && sw[o + k] == sw[o + kW - 1]);
 }
 
+// The channel's taps and bias, any dtype: one uniform branch around all the loads, so they are
+// in flight together.
+template <int kW>
+__device__ __forceinline__ float conv_taps(const ConvParams& p, int d, float (&w)[kW]) {
+    const long long wo = (long long)d * p.weight.stride[0], ws = p.weight.stride[1];
+    if (p.weight.dtype == 0) {
+#pragma unroll
+        for (int k = 0; k < kW; ++k) w[k] = ((const float*)p.weight.ptr)[wo + k * ws];
+    } else {
+        u16 r[kW];
+#pragma unroll
+        for (int k = 0; k < kW; ++k) r[k] = ((const u16*)p.weight.ptr)[wo + k * ws];
+#pragma unroll
+        for (int k = 0; k < kW; ++k) w[k] = p.weight.dtype == 1 ? h2f(r[k]) : bf2f(r[k]);
+    }
+    return p.bias.ptr ? ld_any(p.bias, (long long)d * p.bias.stride[0]) : 0.f;
+}
+
 template <int kT, int kW>
 __device__ __forceinline__ void conv_fwd_impl(const ConvParams& p) {
     const ConvTile c = conv_tile(p);
     if (c.d >= p.dim || c.t0 >= p.seqlen) return;
     constexpr int kN = kSeg + kW - 1;
     float w[kW];
-#pragma unroll
-    for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, c.d, k));
-    const float bias = p.bias.ptr ? ld_any(p.bias, (long long)c.d * p.bias.stride[0]) : 0.f;
+    const float bias = conv_taps<kW>(p, c.d, w);
     float xw[kN];
     int sw[kN];
     load_window<kT, kW, kN>(p, c, xw, sw);
@@ -282,9 +298,7 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
     const int L = p.seqlen;
     if (c.d < p.dim && c.t0 < L) {
         float w[kW];
-#pragma unroll
-        for (int k = 0; k < kW; ++k) w[k] = ld_any(p.weight, off2(p.weight, c.d, k));
-        const float bias = p.bias.ptr ? ld_any(p.bias, (long long)c.d * p.bias.stride[0]) : 0.f;
+        const float bias = conv_taps<kW>(p, c.d, w);
         float xw[kN];
         int sw[kN];
         load_window<kT, kW, kN>(p, c, xw, sw);
@@ -442,24 +456,6 @@ __device__ __forceinline__ FastTile fast_tile(const ConvParams& p) {
     c.b = blockIdx.y;
     c.t0 = c.ltile * (32 * kSegF) + c.lane * kSegF;
     return c;
-}
-
-// The channel's taps and bias, any dtype: one uniform branch around all the loads, so they are
-// in flight together.
-template <int kW>
-__device__ __forceinline__ float conv_taps(const ConvParams& p, int d, float (&w)[kW]) {
-    const long long wo = (long long)d * p.weight.stride[0], ws = p.weight.stride[1];
-    if (p.weight.dtype == 0) {
-#pragma unroll
-        for (int k = 0; k < kW; ++k) w[k] = ((const float*)p.weight.ptr)[wo + k * ws];
-    } else {
-        u16 r[kW];
-#pragma unroll
-        for (int k = 0; k < kW; ++k) r[k] = ((const u16*)p.weight.ptr)[wo + k * ws];
-#pragma unroll
-        for (int k = 0; k < kW; ++k) w[k] = p.weight.dtype == 1 ? h2f(r[k]) : bf2f(r[k]);
-    }
-    return p.bias.ptr ? ld_any(p.bias, (long long)d * p.bias.stride[0]) : 0.f;
 }
 
 // xw[0 .. kW - 2] = x[t0 - (kW - 1) ..]: the previous lane's last inputs; lane 0 takes them
