@@ -76,6 +76,23 @@ def cuda_ms(fn, warmup=3, reps=30):
     return ts[len(ts) // 2]
 
 
+def cuda_profile(fn, warmup, reps, rows):
+    """torch.profiler's table of the CUDA kernels of `reps` calls of fn after `warmup` calls,
+    by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60
+    )
+
+
 def inputs(b, d, n, L, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731

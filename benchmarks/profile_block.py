@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from bench_cuda import cuda_profile
 
 import mamba_scan
 
@@ -43,19 +43,8 @@ def main():
                 y = m(x)
             y.backward(g)
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
         print(f"== {name}: d_model {d}, batch {args.batch}, seqlen {args.seqlen}, 5 steps")
-        print(
-            prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=22, max_name_column_width=60
-            )
-        )
+        print(cuda_profile(step, warmup=3, reps=5, rows=22))
 
 
 if __name__ == "__main__":
