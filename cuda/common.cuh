@@ -15,6 +15,11 @@ __device__ __forceinline__ float4 f4(float x, float y, float z, float w) {
     return v;
 }
 
+// Component k (a compile-time constant after unrolling) of a float4.
+__device__ __forceinline__ float f4_at(const float4& v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+
 template <int T> struct InType;
 template <> struct InType<0> { typedef float t; };
 template <> struct InType<1> { typedef u16 t; };
@@ -74,8 +79,12 @@ __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log
 // bf16 / fp16 input it is applied to; tiny exp(x) take the series of log1p instead (relative
 // error < 2^-30 there).
 __device__ __forceinline__ float softplus_mufu(float x) {
+    // Both arms are computed and one selected: branch-free (a branch per element serialises the
+    // conversion pass).
     const float e = ex2(x * LOG2E_F);
-    const float r = e < 0x1p-10f ? e * (1.f - e * (0.5f - e * (1.f / 3.f))) : LN2_F * lg2(1.f + e);
+    const float l = LN2_F * lg2(1.f + e);
+    const float sr = e * (1.f - e * (0.5f - e * (1.f / 3.f)));
+    const float r = e < 0x1p-10f ? sr : l;
     return x > 20.f ? x : r;
 }
 // 1 - exp(-dt) (= sigmoid(x) for dt = softplus(x)) for 16-bit inputs, the same way: the series
@@ -158,6 +167,71 @@ __device__ __forceinline__ void load_vec(const typename InType<kT>::t* src, int 
         for (int i = 0; i < VEC; ++i) dst[i] = i < valid ? to_f<kT>(src[i]) : 0.f;
     }
 }
+
+// Shared-memory staging helpers. A raw (input dtype) row in shared memory is 16-byte aligned and
+// padded, so its vectors need no checks: lds_vec reads VEC elements (16 bytes), lds4 four
+// (8 bytes for 16-bit inputs).
+template <int kT>
+__device__ __forceinline__ void lds_vec(const typename InType<kT>::t* src, float* dst) {
+    const uint4 r = *reinterpret_cast<const uint4*>(src);
+    if constexpr (kT == 0) {
+        dst[0] = __uint_as_float(r.x);
+        dst[1] = __uint_as_float(r.y);
+        dst[2] = __uint_as_float(r.z);
+        dst[3] = __uint_as_float(r.w);
+    } else {
+        const unsigned wv[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            dst[2 * i] = to_f<kT>((u16)(wv[i] & 0xffffu));
+            dst[2 * i + 1] = to_f<kT>((u16)(wv[i] >> 16));
+        }
+    }
+}
+template <int kT>
+__device__ __forceinline__ void lds4(const typename InType<kT>::t* src, float* dst) {
+    if constexpr (kT == 0) {
+        lds_vec<0>(src, dst);
+    } else {
+        const uint2 r = *reinterpret_cast<const uint2*>(src);
+        dst[0] = to_f<kT>((u16)(r.x & 0xffffu));
+        dst[1] = to_f<kT>((u16)(r.x >> 16));
+        dst[2] = to_f<kT>((u16)(r.y & 0xffffu));
+        dst[3] = to_f<kT>((u16)(r.y >> 16));
+    }
+}
+// Four elements to a global row: one 8-byte (16-bit) / 16-byte (fp32) store when all four are
+// valid and the address is aligned, else element by element up to `valid` (which may be <= 0).
+template <int kT>
+__device__ __forceinline__ void st4(typename InType<kT>::t* dst, int valid, const float* v) {
+    constexpr unsigned long long al = kT == 0 ? 15 : 7;
+    if (valid >= 4 && ((unsigned long long)dst & al) == 0) {
+        if constexpr (kT == 0) {
+            *reinterpret_cast<float4*>(dst) = f4(v[0], v[1], v[2], v[3]);
+        } else {
+            uint2 r;
+            r.x = (unsigned)from_f<kT>(v[0]) | ((unsigned)from_f<kT>(v[1]) << 16);
+            r.y = (unsigned)from_f<kT>(v[2]) | ((unsigned)from_f<kT>(v[3]) << 16);
+            *reinterpret_cast<uint2*>(dst) = r;
+        }
+    } else {
+        for (int i = 0; i < 4 && i < valid; ++i) dst[i] = from_f<kT>(v[i]);
+    }
+}
+// The staging passes give each thread VEC elements of one row as groups of four: at t and (for
+// 8-element vectors) at t + half. With half = 4 these are 16 contiguous bytes of the raw row.
+// With 16-bit inputs and 64-step tiles a quarter-warp covers one fp32 row, and contiguous groups
+// would put the float4 of threads l and l + 4 in the same banks; there each thread takes
+// t = 4 l and t + 32 instead, and the quarter-warp's float4 accesses cover the 32 banks once.
+template <int kT, int kTileT> struct Stage {
+    static constexpr int VEC = Vec<kT>::n;
+    static constexpr bool split = VEC == 8 && kTileT >= 64;
+    static constexpr int half = split ? kTileT / 2 : 4;
+    // First element of vector l of a row.
+    __device__ static __forceinline__ int first(int l) { return split ? l * 4 : l * VEC; }
+    // Position of element k (< VEC) of the vector that starts at t.
+    __device__ static __forceinline__ int pos(int t, int k) { return k < 4 ? t + k : t + half + k - 4; }
+};
 
 template <int kT>
 __device__ __forceinline__ void store_vec(typename InType<kT>::t* dst, int valid, const float* v) {

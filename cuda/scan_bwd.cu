@@ -24,9 +24,22 @@
 // registers (three 128-thread blocks per SM, 12 warps) without spills.
 #define kTs 8
 #define kUB 4
+// A unit's dt, u and dout as one float4 each (fewer shared-memory instructions) where registers
+// allow: up to 4 states per lane (with 8 the held vectors make ptxas spill on sm_80).
+#define kVecLd (kKS <= 4)
 // Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
 // slices are [warp][dB|dC][n][kFl + 1] in shared memory).
-#define kFl (kG * kKS > 64 ? kUB : kTs)
+// kBwdFl: the flush span for up to 16 states per channel (at most the tile), where the slices
+// are small enough to cover more than a sub-tile: fewer block barriers. kBwdFlW: the span beyond
+// 64 states per channel (a unit, or a sub-tile). The Rust side sizes
+// shared memory by the same rule (src/cuda/mod.rs, bwd_flush_steps).
+#ifndef kBwdFl
+#define kBwdFl 32
+#endif
+#ifndef kBwdFlW
+#define kBwdFlW kUB
+#endif
+#define kFl (kG * kKS > 64 ? kBwdFlW : kG * kKS > 16 ? kTs : (kBwdFl < kTile ? kBwdFl : kTile))
 #define TSP (kFl + 1)
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
@@ -48,6 +61,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     constexpr int T = kTile;  // a multiple of kChunk, the forward's interval between saved states
     constexpr int NSUB = T / kTs;
     constexpr int VEC = Vec<kInType>::n;
+    typedef Stage<kInType, kTile> St;
     constexpr int MC = 32 / kG;  // channels per warp
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
@@ -120,22 +134,30 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
             cp_async_wait_all();
             __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
-                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
-                const int valid = cc < kch ? len - t : 0;
+                const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
+                const int valid = cc < kch ? len : 0;  // elements at positions < valid are real
                 float uu[VEC], dt[VEC], gg[VEC], zz[VEC];
-                load_vec<kInType>(r_u + cc * RT + t, VEC, uu);
-                load_vec<kInType>(r_dl + cc * RT + t, VEC, dt);
-                load_vec<kInType>(r_do + cc * RT + t, VEC, gg);
-                if (kHasZ) load_vec<kInType>(r_z + cc * RT + t, VEC, zz);
+#pragma unroll
+                for (int k = 0; k < VEC; k += 4) {
+                    const int e = St::pos(t, k);
+                    lds4<kInType>(r_u + cc * RT + e, uu + k);
+                    lds4<kInType>(r_dl + cc * RT + e, dt + k);
+                    lds4<kInType>(r_do + cc * RT + e, gg + k);
+                    if (kHasZ) lds4<kInType>(r_z + cc * RT + e, zz + k);
+                }
                 const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
+                    // Unconditional softplus and selects: no branch per element, so the
+                    // elements' ex2 / lg2 latencies overlap.
                     const float x = dt[k] + bias;
-                    dt[k] = k < valid ? (p.delta_softplus ? (kInType == 0 ? softplus_f(x) : softplus_mufu(x)) : x) : 0.f;
+                    const float sp = kInType == 0 ? softplus_f(x) : softplus_mufu(x);
+                    const float v = p.delta_softplus ? sp : x;
+                    dt[k] = St::pos(t, k) < valid ? v : 0.f;
                 }
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
-                    const int o = cc * TP + t + k;
+                    const int o = cc * TP + St::pos(t, k);
                     *reinterpret_cast<float4*>(&s_dt[o]) = f4(dt[k], dt[k + 1], dt[k + 2], dt[k + 3]);
                     *reinterpret_cast<float4*>(&s_u[o]) = f4(uu[k], uu[k + 1], uu[k + 2], uu[k + 3]);
                     *reinterpret_cast<float4*>(&s_dy[o]) = f4(gg[k], gg[k + 1], gg[k + 2], gg[k + 3]);
@@ -147,12 +169,12 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     const int n = i % NP, t = (i / NP) * VEC;
                     float v[VEC];
                     if (kVarB) {
-                        load_vec<kInType>(r_B + n * RT + t, VEC, v);
+                        lds_vec<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
                     if (kVarC) {
-                        load_vec<kInType>(r_C + n * RT + t, VEC, v);
+                        lds_vec<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
                     }
@@ -240,10 +262,16 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
 #pragma unroll
             for (int ui = 0; ui < kTs / kUB; ++ui) {
                 float pacc[kUB];
+                float4 dt4, u4;
+                if constexpr (kVecLd) {
+                    dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + ts + ui * kUB]);
+                    u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + ts + ui * kUB]);
+                }
 #pragma unroll
                 for (int k = 0; k < kUB; ++k) {
                     const int i = ui * kUB + k, t = ts + i;
-                    const float dt = s_dt[c * TP + t], dtu = dt * s_u[c * TP + t];
+                    const float dt = kVecLd ? f4_at(dt4, k) : s_dt[c * TP + t];
+                    const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float acc = 0.f, bb[kKS], cv[kKS];
                     if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
                     if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
@@ -283,10 +311,18 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
 #pragma unroll
             for (int ui = kTs / kUB - 1; ui >= 0; --ui) {
                 float pdu[kUB], pdt[kUB];
+                float4 dt4, u4, dy4;
+                if constexpr (kVecLd) {
+                    dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + ts + ui * kUB]);
+                    u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + ts + ui * kUB]);
+                    dy4 = *reinterpret_cast<const float4*>(&s_dy[c * TP + ts + ui * kUB]);
+                }
 #pragma unroll
                 for (int k = kUB - 1; k >= 0; --k) {
                     const int i = ui * kUB + k, t = ts + i;
-                    const float dy = s_dy[c * TP + t], dt = s_dt[c * TP + t], dtu = dt * s_u[c * TP + t];
+                    const float dy = kVecLd ? f4_at(dy4, k) : s_dy[c * TP + t];
+                    const float dt = kVecLd ? f4_at(dt4, k) : s_dt[c * TP + t];
+                    const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float sdu = 0.f, sdt = 0.f;
                     float vbc[2 * kKS], bb[kKS], cv[kKS];
                     if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
@@ -311,16 +347,19 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     }
                     if (kVarB || kVarC) {
                         if constexpr (MC > 1) {
-                            // To the warp's scratch, [step][channel][dB|dC][n]; summed below.
+                            // To the warp's scratch, [step][channel][dB|dC][n] with the dB / dC
+                            // halves swapped in odd channels: the two channels of a quarter-warp
+                            // (4 lanes each at dstate 16) then write different banks. Summed below.
                             float* w = s_scr + warp * (kUB * MC * 2 * NP) + (k * MC + cw) * 2 * NP + j * kKS;
-                            st_states<kKS>(w, vbc);
-                            st_states<kKS>(w + NP, vbc + kKS);
+                            const int sw = (cw & 1) ? NP : 0;
+                            st_states<kKS>(w + sw, vbc);
+                            st_states<kKS>(w + NP - sw, vbc + kKS);
                         } else {
 #pragma unroll
                             for (int v = 0; v < 2 * kKS; ++v) {
                                 const int which = v >= kKS ? 1 : 0;
                                 const int n = j * kKS + (v - which * kKS);
-                                s_part[((warp * 2 + which) * NP + n) * TSP + i % kFl] = vbc[v];
+                                s_part[((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl] = vbc[v];
                             }
                         }
                     }
@@ -335,16 +374,17 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     for (int it = threadIdx.x & 31; it < kUB * 2 * NP / 4; it += 32) {
                         const int k = it / (2 * NP / 4), f = (it - k * (2 * NP / 4)) * 4;
                         float4 acc = *reinterpret_cast<const float4*>(w + k * MC * 2 * NP + f);
+                        const int fs = f < NP ? f + NP : f - NP;  // f in an odd channel
 #pragma unroll 4
                         for (int m = 1; m < MC; ++m) {
-                            const float4 v = *reinterpret_cast<const float4*>(w + (k * MC + m) * 2 * NP + f);
+                            const float4 v = *reinterpret_cast<const float4*>(w + (k * MC + m) * 2 * NP + ((m & 1) ? fs : f));
                             acc.x += v.x;
                             acc.y += v.y;
                             acc.z += v.z;
                             acc.w += v.w;
                         }
                         const int which = f / NP, n = f - which * NP, i = ui * kUB + k;
-                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + i % kFl;
+                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl;
                         dst[0] = acc.x;
                         dst[TSP] = acc.y;
                         dst[2 * TSP] = acc.z;
@@ -371,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                         if (t < len) dbc += gx;
                     }
                 }
-                if ((kVarB || kVarC) && (ui * kUB) % kFl == 0) {
+                if ((kVarB || kVarC) && (ts + ui * kUB) % kFl == 0) {
                     // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
                     __syncthreads();
                     for (int m = threadIdx.x; m < 2 * NP * kFl; m += blockDim.x) {
@@ -393,12 +433,16 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
         for (int s = 0; s < kKS; ++s) dA[s] += dAc[s];
         __syncthreads();
         for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
-            const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+            const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
             if (cc >= kch || t >= len) continue;
             const long long dd = d0 + cc;
-            store_vec<kInType>(du + dd * p.du_d_stride + t0 + t, len - t, &s_u[cc * TP + t]);
-            store_vec<kInType>(ddelta + dd * p.ddelta_d_stride + t0 + t, len - t, &s_dt[cc * TP + t]);
-            if (kHasZ) store_vec<kInType>(dz + dd * p.dz_d_stride + t0 + t, len - t, &s_z[cc * TP + t]);
+#pragma unroll
+            for (int k = 0; k < VEC; k += 4) {
+                const int e = St::pos(t, k), a = cc * TP + e;
+                st4<kInType>(du + dd * p.du_d_stride + t0 + e, len - e, &s_u[a]);
+                st4<kInType>(ddelta + dd * p.ddelta_d_stride + t0 + e, len - e, &s_dt[a]);
+                if (kHasZ) st4<kInType>(dz + dd * p.dz_d_stride + t0 + e, len - e, &s_z[a]);
+            }
         }
     }
     // Per-channel results.

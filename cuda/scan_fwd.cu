@@ -21,20 +21,24 @@
 // and write nothing).
 
 #define TP (kTile + 4)
-#define kU (kG > 16 ? 16 : kG > 4 ? kG : 4)
+// Steps per unit (one reduce-scatter of partial outputs): kFwdU, at least kG, at most 16.
+#ifndef kFwdU
+#define kFwdU 8
+#endif
+#define kU (kG > 16 ? 16 : kG > kFwdU ? kG : kFwdU)
 
 extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
     constexpr int T = kTile;  // steps per staged tile; the state is saved every kChunk steps
     constexpr int VEC = Vec<kInType>::n;
+    typedef Stage<kInType, kTile> St;
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
     const int c = threadIdx.x / kG, j = threadIdx.x % kG;
     const bool live = c < kch;
     const int b = blockIdx.y;
     const int d0 = blockIdx.x * kch;
-    const int d = live ? d0 + c : d0;
     const int N = p.dstate, L = p.seqlen;
 
     constexpr int RT = T + VEC;  // raw rows, padded by 16 bytes (conflict-free vector reads)
@@ -60,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     const in_t* Cv = (const in_t*)p.c_ptr + (long long)b * p.c_batch_stride +
                      (long long)(d0 / (p.dim / p.c_ngroups)) * p.c_group_stride;
 
+    const int d = live ? d0 + c : d0;
     float A2[kKS], Bf[kKS], Cf[kKS], h[kKS];
 #pragma unroll
     for (int s = 0; s < kKS; ++s) {
@@ -87,21 +92,29 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             __syncthreads();  // this tile's raw inputs are in; the previous output tile is stored
             // Convert: dt = softplus(delta + bias), dt u, u, z as fp32 rows; B / C as [t][n].
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
-                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
-                const int valid = cc < kch ? len - t : 0;
+                const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
+                const int valid = cc < kch ? len : 0;  // elements at positions < valid are real
                 float uu[VEC], dt[VEC], zz[VEC];
-                load_vec<kInType>(r_u + cc * RT + t, VEC, uu);
-                load_vec<kInType>(r_dl + cc * RT + t, VEC, dt);
-                if (kHasZ) load_vec<kInType>(r_z + cc * RT + t, VEC, zz);
+#pragma unroll
+                for (int k = 0; k < VEC; k += 4) {
+                    const int e = St::pos(t, k);
+                    lds4<kInType>(r_u + cc * RT + e, uu + k);
+                    lds4<kInType>(r_dl + cc * RT + e, dt + k);
+                    if (kHasZ) lds4<kInType>(r_z + cc * RT + e, zz + k);
+                }
                 const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
+                    // Unconditional softplus and selects: no branch per element, so the
+                    // elements' ex2 / lg2 latencies overlap.
                     const float x = dt[k] + bias;
-                    dt[k] = k < valid ? (p.delta_softplus ? (kInType == 0 ? softplus_f(x) : softplus_mufu(x)) : x) : 0.f;
+                    const float sp = kInType == 0 ? softplus_f(x) : softplus_mufu(x);
+                    const float v = p.delta_softplus ? sp : x;
+                    dt[k] = St::pos(t, k) < valid ? v : 0.f;
                 }
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
-                    const int o = cc * TP + t + k;
+                    const int o = cc * TP + St::pos(t, k);
                     *reinterpret_cast<float4*>(&s_dt[o]) = f4(dt[k], dt[k + 1], dt[k + 2], dt[k + 3]);
                     *reinterpret_cast<float4*>(&s_dtu[o]) =
                         f4(dt[k] * uu[k], dt[k + 1] * uu[k + 1], dt[k + 2] * uu[k + 2], dt[k + 3] * uu[k + 3]);
@@ -115,12 +128,12 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     const int n = i % NP, t = (i / NP) * VEC;
                     float v[VEC];
                     if (kVarB) {
-                        load_vec<kInType>(r_B + n * RT + t, VEC, v);
+                        lds_vec<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
                     if (kVarC) {
-                        load_vec<kInType>(r_C + n * RT + t, VEC, v);
+                        lds_vec<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
                     }
@@ -150,41 +163,53 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             }
         }
         if (tile < 0) continue;
-        for (int t = 0; t < T; t += kU) {
-            float pacc[kU];
+        // Units of kU steps, unrolled over a saved-state interval. The finished outputs stay in
+        // registers until the interval ends: with no shared-memory store inside the interval,
+        // the next unit's reads and ex2 can issue while this unit's shuffles are in flight.
+        typedef RS<kU, kG> R;
+#pragma unroll 1
+        for (int tc = 0; tc < T; tc += kChunk) {
+            float yb[kChunk / kU][R::R];
 #pragma unroll
-            for (int q = 0; q < kU; q += 4) {
-                const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t + q]);
-                const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * TP + t + q]);
+            for (int ui = 0; ui < kChunk / kU; ++ui) {
+                const int t = tc + ui * kU;
+                float pacc[kU];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
-                    const float dtu = k == 0 ? dtu4.x : k == 1 ? dtu4.y : k == 2 ? dtu4.z : dtu4.w;
-                    float bb[kKS], cv[kKS];
-                    if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
-                    if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
-                    float acc = 0.f;
+                for (int q = 0; q < kU; q += 4) {
+                    const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t + q]);
+                    const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * TP + t + q]);
 #pragma unroll
-                    for (int s = 0; s < kKS; ++s) {
-                        const float B_ = kVarB ? bb[s] : Bf[s];
-                        const float C_ = kVarC ? cv[s] : Cf[s];
-                        h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
-                        acc = fmaf(C_, h[s], acc);
+                    for (int k = 0; k < 4; ++k) {
+                        const float dt = f4_at(dt4, k), dtu = f4_at(dtu4, k);
+                        float bb[kKS], cv[kKS];
+                        if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
+                        if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+                        float acc = 0.f;
+#pragma unroll
+                        for (int s = 0; s < kKS; ++s) {
+                            const float B_ = kVarB ? bb[s] : Bf[s];
+                            const float C_ = kVarC ? cv[s] : Cf[s];
+                            h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
+                            acc = fmaf(C_, h[s], acc);
+                        }
+                        pacc[q + k] = acc;
                     }
-                    pacc[q + k] = acc;
                 }
-            }
-            reduce_scatter<kU, kG, 1>(pacc, j, mask);
-            __syncwarp(mask);  // the channel's lanes have read this unit's dt
-            typedef RS<kU, kG> R;
-            if (R::owner(j)) {
-                // y over dt (all lanes of the channel have read those dt before the shuffles).
+                reduce_scatter<kU, kG, 1>(pacc, j, mask);
 #pragma unroll
-                for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
+                for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
             }
-            // The state at each kChunk boundary (steps past the end leave h unchanged).
-            const int ci = (tile * T + t + kU) / kChunk - 1;
-            if (live && (t + kU) % kChunk == 0 && ci < p.n_chunks) {
+            // y over dt: every lane of the channel has read this interval's dt, since the
+            // shuffled sums the owner holds depend on those reads.
+            if (R::owner(j)) {
+#pragma unroll
+                for (int ui = 0; ui < kChunk / kU; ++ui)
+#pragma unroll
+                    for (int r = 0; r < R::R; ++r) s_dt[c * TP + tc + ui * kU + R::blk(j) * R::R + r] = yb[ui][r];
+            }
+            // The state at the interval's end (steps past the end of the sequence leave h as is).
+            const int ci = (tile * T + tc) / kChunk;
+            if (live && ci < p.n_chunks) {
                 if (N % kKS == 0 && (p.states_ptr & 15) == 0) {
                     if (j * kKS < N) st_states<kKS>(&states[(long long)ci * N + j * kKS], h);
                 } else {
@@ -195,30 +220,27 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             }
         }
         __syncthreads();
-        // Epilogue, vectorised over the block: D skip, z gate, conversion, 16-byte stores.
+        // Epilogue, vectorised over the block: D skip, z gate, conversion, 8- / 16-byte stores.
         for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
-            const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+            const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
             if (cc >= kch || t >= len) continue;
             const float Dc = p.has_d ? ((const float*)p.d_ptr)[d0 + cc] : 0.f;
-            float o[VEC];
+            in_t* orow = out + (long long)(d0 + cc) * p.out_d_stride + t0;
 #pragma unroll
             for (int k = 0; k < VEC; k += 4) {
-                const int a = cc * TP + t + k;
+                const int e = St::pos(t, k), a = cc * TP + e;
                 const float4 y4 = *reinterpret_cast<const float4*>(&s_dt[a]);
                 const float4 u4 = *reinterpret_cast<const float4*>(&s_u[a]);
-                o[k] = fmaf(Dc, u4.x, y4.x);
-                o[k + 1] = fmaf(Dc, u4.y, y4.y);
-                o[k + 2] = fmaf(Dc, u4.z, y4.z);
-                o[k + 3] = fmaf(Dc, u4.w, y4.w);
+                float o[4] = {fmaf(Dc, u4.x, y4.x), fmaf(Dc, u4.y, y4.y), fmaf(Dc, u4.z, y4.z), fmaf(Dc, u4.w, y4.w)};
                 if (kHasZ) {
                     const float4 z4 = *reinterpret_cast<const float4*>(&s_z[a]);
-                    o[k] *= z4.x * sigmoid_f(z4.x);
-                    o[k + 1] *= z4.y * sigmoid_f(z4.y);
-                    o[k + 2] *= z4.z * sigmoid_f(z4.z);
-                    o[k + 3] *= z4.w * sigmoid_f(z4.w);
+                    o[0] *= z4.x * sigmoid_f(z4.x);
+                    o[1] *= z4.y * sigmoid_f(z4.y);
+                    o[2] *= z4.z * sigmoid_f(z4.z);
+                    o[3] *= z4.w * sigmoid_f(z4.w);
                 }
+                st4<kInType>(orow + e, len - e, o);
             }
-            store_vec<kInType>(out + (long long)(d0 + cc) * p.out_d_stride + t0 + t, len - t, o);
         }
     }
 }

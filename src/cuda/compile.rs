@@ -238,7 +238,7 @@ impl KernelSpec {
         if self.long_tile { 64 } else { self.chunk() }
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
-        vec![
+        let mut v = vec![
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
             "--ptxas-options=-v".into(),
@@ -250,7 +250,9 @@ impl KernelSpec {
             format!("-DkVarB={}", self.var_b as i32),
             format!("-DkVarC={}", self.var_c as i32),
             format!("-DkHasZ={}", self.has_z as i32),
-        ]
+        ];
+        v.extend(tuning_defines());
+        v
     }
     pub fn source(&self) -> String {
         join_sources(if self.backward {
@@ -294,6 +296,25 @@ impl KernelSpec {
         }
         v
     }
+}
+
+/// Extra `-D` options for the scan kernels from MAMBA_SCAN_CUDA_DEFINES (whitespace-separated,
+/// e.g. "-DkFwdU=16"): a tuning knob for A/B runs of the kernels' compile-time constants on the
+/// device. Anything that is not a `-D` option is ignored. The options are part of the disk
+/// cache key, like every other option.
+pub fn tuning_defines() -> Vec<String> {
+    parse_defines(
+        std::env::var("MAMBA_SCAN_CUDA_DEFINES")
+            .as_deref()
+            .unwrap_or(""),
+    )
+}
+
+fn parse_defines(s: &str) -> Vec<String> {
+    s.split_whitespace()
+        .filter(|o| o.len() > 2 && o.starts_with("-D"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A compiled cubin and what ptxas reported about it.
@@ -505,6 +526,15 @@ mod tests {
             eprintln!("{:?}", c.resources());
             assert_eq!(c.resources().1, 0, "{}", c.log);
         }
+    }
+
+    #[test]
+    fn tuning_defines_keep_only_d_options() {
+        assert_eq!(
+            parse_defines("  -DkFwdU=16 --gpu-architecture=sm_80 -D x -DkA=1"),
+            vec!["-DkFwdU=16".to_string(), "-DkA=1".to_string()]
+        );
+        assert!(parse_defines("").is_empty());
     }
 
     #[test]

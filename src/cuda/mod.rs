@@ -161,6 +161,19 @@ fn threads_per_block(kch: i32, g: u8) -> u32 {
     (kch * g as i32).max(32) as u32
 }
 
+/// The value of a `-D{name}=` in MAMBA_SCAN_CUDA_DEFINES, else `default`.
+fn tuned_define(name: &str, default: u32) -> u32 {
+    let key = format!("-D{name}=");
+    compile::tuning_defines()
+        .iter()
+        .rev()
+        .find_map(|d| {
+            d.strip_prefix(key.as_str())
+                .and_then(|v| v.parse::<u32>().ok())
+        })
+        .unwrap_or(default)
+}
+
 fn gcd_groups(p: &crate::params::SsmParams) -> i32 {
     let mut g = p.dim;
     if p.is_variable_b != 0 {
@@ -296,10 +309,9 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let nvar = spec.var_b as u32 + spec.var_c as u32;
     let z = spec.has_z as u32;
     let (floats, raw_rows) = if spec.backward {
-        let ts = BWD_SUB_TILE;
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
-            (threads / 32) * 2 * np * (if np > 64 { 4 } else { ts } + 1)
+            (threads / 32) * 2 * np * (bwd_flush_steps(spec) + 1)
                 + if mc > 1 {
                     (threads / 32) * 4 * mc * 2 * np
                 } else {
@@ -313,6 +325,20 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         ((3 + z) * rows * tp + nvar * t * np, 2 + z)
     };
     floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
+}
+
+/// Steps of dB / dC slices the backward keeps in shared memory between two flushes; mirrors
+/// kFl in cuda/scan_bwd.cu: kBwdFlW (a 4-step unit) beyond 64 states per channel, an 8-step
+/// sub-tile beyond 16, else min(tile, kBwdFl) (32); MAMBA_SCAN_CUDA_DEFINES may set either.
+fn bwd_flush_steps(spec: &KernelSpec) -> u32 {
+    let np = spec.ks as u32 * spec.g as u32;
+    if np > 64 {
+        tuned_define("kBwdFlW", 4)
+    } else if np > 16 {
+        BWD_SUB_TILE
+    } else {
+        tuned_define("kBwdFl", 32).min(spec.tile() as u32)
+    }
 }
 
 /// fp32 workspace (elements) the backward needs: per-(batch, channel) sums, then one partial of
