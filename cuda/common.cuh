@@ -291,6 +291,90 @@ __device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typ
     }
 }
 
+// Variable B / C of one step in shared memory. Unpacked: fp32 [t][n] tiles, one per matrix.
+// Packed (16-bit inputs, both B and C variable; kPackBC): the raw 16-bit values, per step and lane
+// group j, B of the group's KS states then C of them (4 KS bytes), so one vector read gives a lane
+// both: half the shared-memory wavefronts of two fp32 reads, for one integer instruction per value
+// (bf16) to widen them.
+#ifndef kPackBC
+#define kPackBC 1
+#endif
+template <int kT> __device__ __forceinline__ float lo16(unsigned w) {
+    if constexpr (kT == 2) return __uint_as_float(w << 16);
+    else return h2f((u16)(w & 0xffffu));
+}
+template <int kT> __device__ __forceinline__ float hi16(unsigned w) {
+    if constexpr (kT == 2) return __uint_as_float(w & 0xffff0000u);
+    else return h2f((u16)(w >> 16));
+}
+// The 32-bit words of the 2 KS packed values at src (B's KS / 2 words, then C's).
+template <int KS> __device__ __forceinline__ void ld_words(const u16* src, unsigned (&w)[KS]) {
+    if constexpr (KS == 2) {
+        const uint2 r = *reinterpret_cast<const uint2*>(src);
+        w[0] = r.x;
+        w[1] = r.y;
+    } else {
+#pragma unroll
+        for (int q = 0; q < KS / 4; ++q) {
+            const uint4 r = *reinterpret_cast<const uint4*>(src + 8 * q);
+            w[4 * q] = r.x;
+            w[4 * q + 1] = r.y;
+            w[4 * q + 2] = r.z;
+            w[4 * q + 3] = r.w;
+        }
+    }
+}
+template <int kT, int KS>
+__device__ __forceinline__ void ld_bc_packed(const u16* src, float (&bb)[KS], float (&cv)[KS]) {
+    unsigned w[KS];
+    ld_words<KS>(src, w);
+#pragma unroll
+    for (int i = 0; i < KS / 2; ++i) {
+        bb[2 * i] = lo16<kT>(w[i]);
+        bb[2 * i + 1] = hi16<kT>(w[i]);
+        cv[2 * i] = lo16<kT>(w[KS / 2 + i]);
+        cv[2 * i + 1] = hi16<kT>(w[KS / 2 + i]);
+    }
+}
+// B alone from a packed tile (KS / 2 words).
+template <int kT, int KS>
+__device__ __forceinline__ void ld_b_packed(const u16* src, float (&bb)[KS]) {
+    unsigned w[KS / 2];
+    if constexpr (KS == 2) {
+        w[0] = *reinterpret_cast<const unsigned*>(src);
+    } else if constexpr (KS == 4) {
+        const uint2 r = *reinterpret_cast<const uint2*>(src);
+        w[0] = r.x;
+        w[1] = r.y;
+    } else {
+#pragma unroll
+        for (int q = 0; q < KS / 8; ++q) {
+            const uint4 r = *reinterpret_cast<const uint4*>(src + 8 * q);
+            w[4 * q] = r.x;
+            w[4 * q + 1] = r.y;
+            w[4 * q + 2] = r.z;
+            w[4 * q + 3] = r.w;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < KS / 2; ++i) {
+        bb[2 * i] = lo16<kT>(w[i]);
+        bb[2 * i + 1] = hi16<kT>(w[i]);
+    }
+}
+// Writes VEC raw values of row n (steps t .. t + VEC) of B (which 0) or C (which 1) into a packed
+// tile of NP states.
+template <int KS, int NP, int VEC>
+__device__ __forceinline__ void st_packed(u16* tile, const u16* raw, int n, int t, int which) {
+    const uint4 r = *reinterpret_cast<const uint4*>(raw);
+    const unsigned wv[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const u16 v = (u16)((wv[k / 2] >> (16 * (k & 1))) & 0xffffu);
+        tile[((t + k) * (NP / KS) + n / KS) * 2 * KS + which * KS + n % KS] = v;
+    }
+}
+
 // KS (2 or a multiple of 4) consecutive fp32 values, as float2 / float4 accesses: the address
 // must be aligned to their size (8 or 16 bytes).
 template <int KS>

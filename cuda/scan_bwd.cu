@@ -62,6 +62,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     constexpr int NSUB = T / kTs;
     constexpr int VEC = Vec<kInType>::n;
     typedef Stage<kInType, kTile> St;
+    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC;
     constexpr int MC = 32 / kG;  // channels per warp
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
@@ -82,7 +83,8 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     float* s_z = s_dy + rows * TP;  // z, then dz
     float* s_B = s_z + (kHasZ ? rows * TP : 0);
     float* s_C = s_B + (kVarB ? T * NP : 0);
-    float* s_part = s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kFl + 1]
+    u16* s_BC = (u16*)s_B;  // the packed tile (kPack), in place of s_B and s_C
+    float* s_part = kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kFl + 1]
     float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * NP * TSP : 0);  // per-warp dB / dC
     // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
     in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1) ? nwarps * kUB * MC * 2 * NP : 0));
@@ -168,6 +170,11 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
                     const int n = i % NP, t = (i / NP) * VEC;
                     float v[VEC];
+                    if constexpr (kPack) {
+                        st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_B + n * RT + t), n, t, 0);
+                        st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_C + n * RT + t), n, t, 1);
+                        continue;
+                    }
                     if (kVarB) {
                         lds_vec<kInType>(r_B + n * RT + t, v);
 #pragma unroll
@@ -237,7 +244,8 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                         const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
                         const float dtu = dt * (k == 0 ? u4.x : k == 1 ? u4.y : k == 2 ? u4.z : u4.w);
                         float bb[kKS];
-                        if (kVarB) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
+                        if constexpr (kPack) ld_b_packed<kInType, kKS>(s_BC + ((t + k) * (NP / kKS) + j) * 2 * kKS, bb);
+                        else if (kVarB) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
 #pragma unroll
                         for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * (kVarB ? bb[s] : Bf[s]));
                     }
@@ -273,8 +281,12 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     const float dt = kVecLd ? f4_at(dt4, k) : s_dt[c * TP + t];
                     const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float acc = 0.f, bb[kKS], cv[kKS];
-                    if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
-                    if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+                    if constexpr (kPack) {
+                        ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
+                    } else {
+                        if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                        if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+                    }
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = kVarB ? bb[s] : Bf[s];
@@ -325,8 +337,12 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float sdu = 0.f, sdt = 0.f;
                     float vbc[2 * kKS], bb[kKS], cv[kKS];
-                    if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
-                    if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+                    if constexpr (kPack) {
+                        ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
+                    } else {
+                        if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                        if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+                    }
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = kVarB ? bb[s] : Bf[s];

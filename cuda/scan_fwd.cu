@@ -33,6 +33,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     constexpr int T = kTile;  // steps per staged tile; the state is saved every kChunk steps
     constexpr int VEC = Vec<kInType>::n;
     typedef Stage<kInType, kTile> St;
+    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC;
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
     const int c = threadIdx.x / kG, j = threadIdx.x % kG;
@@ -48,8 +49,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     float* s_z = s_u + rows * TP;
     float* s_B = s_z + (kHasZ ? rows * TP : 0);
     float* s_C = s_B + (kVarB ? T * NP : 0);
+    u16* s_BC = (u16*)s_B;  // the packed tile (kPack), in place of s_B and s_C
     // Raw (input dtype) tiles, filled by cp.async one tile ahead.
-    in_t* r_u = (in_t*)(s_C + (kVarC ? T * NP : 0));
+    in_t* r_u = (in_t*)(kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0));
     in_t* r_dl = r_u + rows * RT;
     in_t* r_z = r_dl + rows * RT;
     in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
@@ -127,6 +129,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
                     const int n = i % NP, t = (i / NP) * VEC;
                     float v[VEC];
+                    if constexpr (kPack) {
+                        st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_B + n * RT + t), n, t, 0);
+                        st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_C + n * RT + t), n, t, 1);
+                        continue;
+                    }
                     if (kVarB) {
                         lds_vec<kInType>(r_B + n * RT + t, v);
 #pragma unroll
@@ -182,8 +189,12 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     for (int k = 0; k < 4; ++k) {
                         const float dt = f4_at(dt4, k), dtu = f4_at(dtu4, k);
                         float bb[kKS], cv[kKS];
-                        if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
-                        if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+                        if constexpr (kPack) {
+                            ld_bc_packed<kInType, kKS>(s_BC + ((t + q + k) * (NP / kKS) + j) * 2 * kKS, bb, cv);
+                        } else {
+                            if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
+                            if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+                        }
                         float acc = 0.f;
 #pragma unroll
                         for (int s = 0; s < kKS; ++s) {
@@ -199,8 +210,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
 #pragma unroll
                 for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
             }
-            // y over dt: every lane of the channel has read this interval's dt, since the
-            // shuffled sums the owner holds depend on those reads.
+            // y over dt. The shuffled sums the owner holds already depend on every lane's reads
+            // of this interval's dt; the __syncwarp (once per interval) states that ordering in
+            // the memory model as well (and for compute-sanitizer's racecheck).
+            __syncwarp(mask);
             if (R::owner(j)) {
 #pragma unroll
                 for (int ui = 0; ui < kChunk / kU; ++ui)

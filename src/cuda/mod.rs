@@ -308,6 +308,9 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let np = spec.ks as u32 * spec.g as u32;
     let nvar = spec.var_b as u32 + spec.var_c as u32;
     let z = spec.has_z as u32;
+    // fp32 B / C tiles, or one tile of packed 16-bit B and C (kPackBC in cuda/common.cuh).
+    let packed = spec.var_b && spec.var_c && spec.in_type != 0 && tuned_define("kPackBC", 1) != 0;
+    let bc = if packed { t * np } else { nvar * t * np };
     let (floats, raw_rows) = if spec.backward {
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
@@ -320,9 +323,9 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        ((3 + z) * rows * tp + nvar * t * np + part, 3 + z)
+        ((3 + z) * rows * tp + bc + part, 3 + z)
     } else {
-        ((3 + z) * rows * tp + nvar * t * np, 2 + z)
+        ((3 + z) * rows * tp + bc, 2 + z)
     };
     floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
 }
