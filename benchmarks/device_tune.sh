@@ -1,8 +1,10 @@
 #!/bin/bash
-# One device call that A/B-times compile-time variants of the scan kernels (selected through
-# MAMBA_SCAN_CUDA_DEFINES, each in its own process), checks the default build's parity on a
-# subset of test_cuda.py, profiles the default kernels with Nsight Compute, and runs the grid
-# against mamba_ssm. Each step has its own time limit and writes its log to $OUT as it goes.
+# What one device call runs for the scan kernels (issue 3), each step optional and under its own
+# time limit, logs to $OUT as it goes: install the wheel carried in wheels/; build mamba_ssm's
+# selective_scan_cuda in the background; test_cuda.py (one -k selection, or groups side by side);
+# A/B timings of variants (environment per run, e.g. kernel constants through
+# MAMBA_SCAN_CUDA_DEFINES, each in its own process); compute-sanitizer; Nsight Compute; then the
+# side-by-side grid against mamba_ssm (bench_cuda.py).
 #   VARIANTS="tag1:MAMBA_SCAN_CUDA_TILE=32 tag2:MAMBA_SCAN_CUDA_DEFINES=-DkB=2" SHAPES=0,7 \
 #     bash benchmarks/device_tune.sh
 set -o pipefail

@@ -144,35 +144,10 @@ template <int V, int M> struct RS {
 // otherwise. VEC elements per 16 bytes.
 template <int kT> struct Vec { static constexpr int n = kT == 0 ? 4 : 8; };
 
+// VEC elements from 16 aligned bytes, widened to fp32 (no checks: the caller knows the vector is
+// whole and aligned, as in the padded raw rows of the staging tiles).
 template <int kT>
-__device__ __forceinline__ void load_vec(const typename InType<kT>::t* src, int valid, float* dst) {
-    constexpr int VEC = Vec<kT>::n;
-    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
-        const uint4 r = *reinterpret_cast<const uint4*>(src);
-        if constexpr (kT == 0) {
-            dst[0] = __uint_as_float(r.x);
-            dst[1] = __uint_as_float(r.y);
-            dst[2] = __uint_as_float(r.z);
-            dst[3] = __uint_as_float(r.w);
-        } else {
-            const unsigned wv[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                dst[2 * i] = to_f<kT>((u16)(wv[i] & 0xffffu));
-                dst[2 * i + 1] = to_f<kT>((u16)(wv[i] >> 16));
-            }
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) dst[i] = i < valid ? to_f<kT>(src[i]) : 0.f;
-    }
-}
-
-// Shared-memory staging helpers. A raw (input dtype) row in shared memory is 16-byte aligned and
-// padded, so its vectors need no checks: lds_vec reads VEC elements (16 bytes), lds4 four
-// (8 bytes for 16-bit inputs).
-template <int kT>
-__device__ __forceinline__ void lds_vec(const typename InType<kT>::t* src, float* dst) {
+__device__ __forceinline__ void ld_vec_aligned(const typename InType<kT>::t* src, float* dst) {
     const uint4 r = *reinterpret_cast<const uint4*>(src);
     if constexpr (kT == 0) {
         dst[0] = __uint_as_float(r.x);
@@ -189,9 +164,21 @@ __device__ __forceinline__ void lds_vec(const typename InType<kT>::t* src, float
     }
 }
 template <int kT>
-__device__ __forceinline__ void lds4(const typename InType<kT>::t* src, float* dst) {
+__device__ __forceinline__ void load_vec(const typename InType<kT>::t* src, int valid, float* dst) {
+    constexpr int VEC = Vec<kT>::n;
+    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
+        ld_vec_aligned<kT>(src, dst);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) dst[i] = i < valid ? to_f<kT>(src[i]) : 0.f;
+    }
+}
+
+// Four elements (8 bytes for 16-bit inputs) from an aligned address, widened to fp32.
+template <int kT>
+__device__ __forceinline__ void ld4_aligned(const typename InType<kT>::t* src, float* dst) {
     if constexpr (kT == 0) {
-        lds_vec<0>(src, dst);
+        ld_vec_aligned<0>(src, dst);
     } else {
         const uint2 r = *reinterpret_cast<const uint2*>(src);
         dst[0] = to_f<kT>((u16)(r.x & 0xffffu));
@@ -273,6 +260,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
+// The same with the destination as a shared-window address (smem_u32), computed once by the caller.
+__device__ __forceinline__ void cp_async16_s(unsigned dst, void* dst_generic, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst_generic) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
 __device__ __forceinline__ void cp_async_wait_all() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");
@@ -292,10 +287,10 @@ __device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typ
 }
 
 // Variable B / C of one step in shared memory. Unpacked: fp32 [t][n] tiles, one per matrix.
-// Packed (16-bit inputs, both B and C variable; kPackBC): the raw 16-bit values, per step and lane
-// group j, B of the group's KS states then C of them (4 KS bytes), so one vector read gives a lane
-// both: half the shared-memory wavefronts of two fp32 reads, for one integer instruction per value
-// (bf16) to widen them.
+// Packed (16-bit inputs, both B and C variable, more than 16 states per channel; kPackBC): the
+// raw 16-bit values, per step and lane group j, B of the group's KS states then C of them
+// (4 KS bytes), so one vector read gives a lane both: half the shared-memory wavefronts of two
+// fp32 reads, for one integer instruction per value (bf16) to widen them.
 #ifndef kPackBC
 #define kPackBC 1
 #endif
@@ -372,6 +367,19 @@ __device__ __forceinline__ void st_packed(u16* tile, const u16* raw, int n, int 
     for (int k = 0; k < VEC; ++k) {
         const u16 v = (u16)((wv[k / 2] >> (16 * (k & 1))) & 0xffffu);
         tile[((t + k) * (NP / KS) + n / KS) * 2 * KS + which * KS + n % KS] = v;
+    }
+}
+
+// fetch_vec with the destination's shared-window address precomputed (dst_s = smem_u32(dst)).
+template <int kT>
+__device__ __forceinline__ void fetch_vec_s(typename InType<kT>::t* dst, unsigned dst_s,
+                                            const typename InType<kT>::t* src, int valid) {
+    constexpr int VEC = Vec<kT>::n;
+    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
+        cp_async16_s(dst_s, dst, src);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dst[k] = k < valid ? src[k] : (typename InType<kT>::t)0;
     }
 }
 

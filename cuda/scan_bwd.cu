@@ -25,8 +25,9 @@
 #define kTs 8
 #define kUB 4
 // A unit's dt, u and dout as one float4 each (fewer shared-memory instructions) where registers
-// allow: up to 4 states per lane (with 8 the held vectors make ptxas spill on sm_80).
-#define kVecLd (kKS <= 4)
+// allow: up to 4 states per lane and at least 4 lanes per channel (with 8 states per lane, or
+// the 1-lane layout's wide scratch sums, the held vectors make ptxas spill).
+#define kVecLd (kKS <= 4 && kG >= 4)
 // Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
 // slices are [warp][dB|dC][n][kFl + 1] in shared memory).
 // kBwdFl: the flush span for up to 16 states per channel (at most the tile), where the slices
@@ -62,7 +63,9 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     constexpr int NSUB = T / kTs;
     constexpr int VEC = Vec<kInType>::n;
     typedef Stage<kInType, kTile> St;
-    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC;
+    // Packed B / C beyond 16 states per channel (measured on the H200: backward -13% at dstate
+    // 64, -9% at 128; at dstate 16 the widening costs more than the reads it saves).
+    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
     constexpr int MC = 32 / kG;  // channels per warp
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
@@ -142,10 +145,10 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
                     const int e = St::pos(t, k);
-                    lds4<kInType>(r_u + cc * RT + e, uu + k);
-                    lds4<kInType>(r_dl + cc * RT + e, dt + k);
-                    lds4<kInType>(r_do + cc * RT + e, gg + k);
-                    if (kHasZ) lds4<kInType>(r_z + cc * RT + e, zz + k);
+                    ld4_aligned<kInType>(r_u + cc * RT + e, uu + k);
+                    ld4_aligned<kInType>(r_dl + cc * RT + e, dt + k);
+                    ld4_aligned<kInType>(r_do + cc * RT + e, gg + k);
+                    if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
                 const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
@@ -176,12 +179,12 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                         continue;
                     }
                     if (kVarB) {
-                        lds_vec<kInType>(r_B + n * RT + t, v);
+                        ld_vec_aligned<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
                     if (kVarC) {
-                        lds_vec<kInType>(r_C + n * RT + t, v);
+                        ld_vec_aligned<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
                     }
@@ -191,16 +194,20 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
         }
         if (tile > 0) {
             // Start the copies of the previous chunk's raw inputs.
+            const unsigned fs = smem_u32(r_u);
             const int pt0 = t0 - T;
             const int plen = min(T, L - pt0);
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
                 const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
                 const int valid = cc < kch ? plen - t : 0;
                 const long long dd = d0 + cc;
-                fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + pt0 + t, valid);
-                fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + pt0 + t, valid);
-                fetch_vec<kInType>(r_do + cc * RT + t, dout + dd * p.dout_d_stride + pt0 + t, valid);
-                if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + pt0 + t, valid);
+                // Shared-window addresses from one base (r_dl, r_do, r_z follow r_u).
+                const int o = cc * RT + t, rs = rows * RT * (int)sizeof(in_t);
+                const unsigned so = fs + o * (int)sizeof(in_t);
+                fetch_vec_s<kInType>(r_u + o, so, u + dd * p.u_d_stride + pt0 + t, valid);
+                fetch_vec_s<kInType>(r_dl + o, so + rs, delta + dd * p.delta_d_stride + pt0 + t, valid);
+                fetch_vec_s<kInType>(r_do + o, so + 2 * rs, dout + dd * p.dout_d_stride + pt0 + t, valid);
+                if (kHasZ) fetch_vec_s<kInType>(r_z + o, so + 3 * rs, z + dd * p.z_d_stride + pt0 + t, valid);
             }
             if (kVarB || kVarC) {
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {

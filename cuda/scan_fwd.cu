@@ -5,18 +5,21 @@
 // batch row (all in one B group and one C group) and walks the sequence in tiles of kTile steps.
 // Per tile the block stages, with 16-byte loads, dt = softplus(delta + bias), dt u, u (and z) of
 // its channels in shared memory ([channel][t], fp32, once per element for the whole block, not
-// per lane), and the variable B / C tile as [t][n]. The scan then reads dt and dt u four steps
-// per float4 (broadcast to the channel's lanes) and B / C as float4 of the lane's states. The
-// output y_t = sum_n C h needs a sum over the channel's kG lanes: each lane keeps kU steps of
-// partial sums and one reduce-scatter leaves kU / kG finished steps in each lane, which writes
-// them over dt in shared memory (all lanes of the channel have read those dt values before the
-// shuffles); the D skip, the z gate and the 16-byte stores run vectorised over the whole block
-// after the tile, off the scan's latency chain. The state goes to HBM only every kChunk steps
-// (for the backward and last_state). Steps past the end of the sequence run with dt = 0, which
-// leaves h unchanged.
+// per lane), and the variable B / C tile as [t][n] (fp32, or packed 16-bit values beyond 16
+// states per channel). The scan then reads dt and dt u four steps per float4 (broadcast to the
+// channel's lanes) and B / C as vectors of the lane's states. The output y_t = sum_n C h needs a
+// sum over the channel's kG lanes: each lane keeps kU steps of partial sums and one
+// reduce-scatter leaves kU / kG finished steps in each lane. The units of a kChunk-step interval
+// are unrolled and their finished outputs stay in registers until the interval ends, when they
+// go over dt in shared memory: with no shared store inside the interval, the next unit's reads
+// and ex2 issue while this unit's shuffles are in flight. The D skip, the z gate and the stores
+// run vectorised over the whole block after the tile, off the scan's latency chain. The state
+// goes to HBM only every kChunk steps (for the backward and last_state). Steps past the end of
+// the sequence run with dt = 0, which leaves h unchanged.
 //
 // Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kTile (steps per
-// tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ. Run-time argument
+// tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ; tuning constants
+// with defaults (kFwdU, kPackBC) can be set through MAMBA_SCAN_CUDA_DEFINES. Run-time argument
 // kch: channels per block (blockDim = max(32, kch kG); lanes past kch channels compute on zeros
 // and write nothing).
 
@@ -33,7 +36,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     constexpr int T = kTile;  // steps per staged tile; the state is saved every kChunk steps
     constexpr int VEC = Vec<kInType>::n;
     typedef Stage<kInType, kTile> St;
-    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC;
+    // Packed B / C beyond 16 states per channel (measured on the H200: backward -13% at dstate
+    // 64, -9% at 128; at dstate 16 the widening costs more than the reads it saves).
+    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
     const int c = threadIdx.x / kG, j = threadIdx.x % kG;
@@ -83,6 +88,27 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     float* states = (float*)p.states_ptr + ((long long)b * p.dim + d) * p.n_chunks * N;
     const unsigned mask = 0xffffffffu;
 
+    // The thread's share of each tile's u / delta / z copies is the same vectors of the same
+    // rows every tile: FS slots, their row pointers computed once (the per-tile address
+    // arithmetic was ~10% of the kernel's instructions).
+    constexpr int FS = (T / VEC + kG - 1) / kG;  // slots per thread (hoisted from 4 lanes per channel)
+    const in_t *fu[FS], *fdl[FS], *fz[FS];
+    int fo[FS], ft[FS];
+    bool fslot[FS];
+    const unsigned fs = smem_u32(r_u);  // r_dl and r_z follow r_u, rows * RT elements apart
+#pragma unroll
+    for (int f = 0; f < FS; ++f) {
+        const int i = threadIdx.x + f * blockDim.x;
+        const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+        fslot[f] = i < rows * (T / VEC);
+        const long long dd = d0 + (cc < kch ? cc : 0);
+        fu[f] = u + dd * p.u_d_stride + t;
+        fdl[f] = delta + dd * p.delta_d_stride + t;
+        fz[f] = kHasZ ? z + dd * p.z_d_stride + t : nullptr;
+        fo[f] = cc * RT + t;
+        ft[f] = cc < kch ? t : T;  // rows past kch channels: valid <= 0, zeros
+    }
+
     // Tile -1 only starts the copies of tile 0; each tile starts those of the next one as soon
     // as its own raw inputs are converted.
     const int n_tiles = (L + T - 1) / T;
@@ -100,9 +126,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
 #pragma unroll
                 for (int k = 0; k < VEC; k += 4) {
                     const int e = St::pos(t, k);
-                    lds4<kInType>(r_u + cc * RT + e, uu + k);
-                    lds4<kInType>(r_dl + cc * RT + e, dt + k);
-                    if (kHasZ) lds4<kInType>(r_z + cc * RT + e, zz + k);
+                    ld4_aligned<kInType>(r_u + cc * RT + e, uu + k);
+                    ld4_aligned<kInType>(r_dl + cc * RT + e, dt + k);
+                    if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
                 const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
 #pragma unroll
@@ -135,12 +161,12 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                         continue;
                     }
                     if (kVarB) {
-                        lds_vec<kInType>(r_B + n * RT + t, v);
+                        ld_vec_aligned<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
                     if (kVarC) {
-                        lds_vec<kInType>(r_C + n * RT + t, v);
+                        ld_vec_aligned<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
                     }
@@ -152,6 +178,18 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             // Start the copies of the next tile's raw inputs.
             const int nt0 = t0 + T;
             const int nlen = min(T, L - nt0);
+            if constexpr (kG >= 4) {
+#pragma unroll
+            for (int f = 0; f < FS; ++f) {
+                if (!fslot[f]) continue;
+                const int valid = nlen - ft[f];  // <= 0 past the last channel: zeros
+                fetch_vec_s<kInType>(r_u + fo[f], fs + fo[f] * (int)sizeof(in_t), fu[f] + nt0, valid);
+                fetch_vec_s<kInType>(r_dl + fo[f], fs + (rows * RT + fo[f]) * (int)sizeof(in_t), fdl[f] + nt0, valid);
+                if (kHasZ)
+                    fetch_vec_s<kInType>(r_z + fo[f], fs + (2 * rows * RT + fo[f]) * (int)sizeof(in_t), fz[f] + nt0, valid);
+            }
+            } else {
+            // Layouts of 1-2 lanes per channel: 4-8 slots, more than registers allow; plain loop.
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
                 const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
                 const int valid = cc < kch ? nlen - t : 0;
@@ -159,6 +197,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                 fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + nt0 + t, valid);
                 fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + nt0 + t, valid);
                 if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
+            }
             }
             if (kVarB || kVarC) {
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {

@@ -202,7 +202,8 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
     }
     let (_, g) = layout_for(p.dstate, false, false);
     let warps = p.batch as i64 * p.dim as i64 * g as i64 / 32;
-    in_type == 0 || warps < if backward { 600 } else { 1056 }
+    // Backward: wide measured 4.85 vs 5.43 ms at 640 deep warps ((1, 5120, 16, 16384), 2026-11-29).
+    in_type == 0 || warps < if backward { 700 } else { 1056 }
 }
 
 /// A scan kernel loaded and allowed its shared memory for `threads`-thread blocks: (function,
@@ -309,7 +310,8 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let nvar = spec.var_b as u32 + spec.var_c as u32;
     let z = spec.has_z as u32;
     // fp32 B / C tiles, or one tile of packed 16-bit B and C (kPackBC in cuda/common.cuh).
-    let packed = spec.var_b && spec.var_c && spec.in_type != 0 && tuned_define("kPackBC", 1) != 0;
+    let packed =
+        spec.var_b && spec.var_c && spec.in_type != 0 && np > 16 && tuned_define("kPackBC", 1) != 0;
     let bc = if packed { t * np } else { nvar * t * np };
     let (floats, raw_rows) = if spec.backward {
         let mc = 32 / spec.g as u32;
