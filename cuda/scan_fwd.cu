@@ -212,10 +212,14 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
         // Units of kU steps, unrolled over a saved-state interval. The finished outputs stay in
         // registers until the interval ends: with no shared-memory store inside the interval,
         // the next unit's reads and ex2 can issue while this unit's shuffles are in flight.
+        // With fewer than 4 lanes per channel (dstate <= 8) there are few or no shuffles to hide
+        // and a whole interval of hoisted reads exceeds the registers: those layouts store each
+        // unit's outputs at once (kHold false), which also bounds the hoisting.
         typedef RS<kU, kG> R;
+        constexpr bool kHold = kG >= 4;
 #pragma unroll 1
         for (int tc = 0; tc < T; tc += kChunk) {
-            float yb[kChunk / kU][R::R];
+            float yb[kHold ? kChunk / kU : 1][R::R];
 #pragma unroll
             for (int ui = 0; ui < kChunk / kU; ++ui) {
                 const int t = tc + ui * kU;
@@ -246,14 +250,22 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     }
                 }
                 reduce_scatter<kU, kG, 1>(pacc, j, mask);
+                if constexpr (kHold) {
 #pragma unroll
-                for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
+                    for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
+                } else {
+                    __syncwarp(mask);  // the channel's lanes have read this unit's dt
+                    if (R::owner(j)) {
+#pragma unroll
+                        for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
+                    }
+                }
             }
             // y over dt. The shuffled sums the owner holds already depend on every lane's reads
             // of this interval's dt; the __syncwarp (once per interval) states that ordering in
             // the memory model as well (and for compute-sanitizer's racecheck).
             __syncwarp(mask);
-            if (R::owner(j)) {
+            if (kHold && R::owner(j)) {
 #pragma unroll
                 for (int ui = 0; ui < kChunk / kU; ++ui)
 #pragma unroll
