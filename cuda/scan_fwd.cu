@@ -180,24 +180,24 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             const int nlen = min(T, L - nt0);
             if constexpr (kG >= 4) {
 #pragma unroll
-            for (int f = 0; f < FS; ++f) {
-                if (!fslot[f]) continue;
-                const int valid = nlen - ft[f];  // <= 0 past the last channel: zeros
-                fetch_vec_s<kInType>(r_u + fo[f], fs + fo[f] * (int)sizeof(in_t), fu[f] + nt0, valid);
-                fetch_vec_s<kInType>(r_dl + fo[f], fs + (rows * RT + fo[f]) * (int)sizeof(in_t), fdl[f] + nt0, valid);
-                if (kHasZ)
-                    fetch_vec_s<kInType>(r_z + fo[f], fs + (2 * rows * RT + fo[f]) * (int)sizeof(in_t), fz[f] + nt0, valid);
-            }
+                for (int f = 0; f < FS; ++f) {
+                    if (!fslot[f]) continue;
+                    const int valid = nlen - ft[f];  // <= 0 past the last channel: zeros
+                    fetch_vec_s<kInType>(r_u + fo[f], fs + fo[f] * (int)sizeof(in_t), fu[f] + nt0, valid);
+                    fetch_vec_s<kInType>(r_dl + fo[f], fs + (rows * RT + fo[f]) * (int)sizeof(in_t), fdl[f] + nt0, valid);
+                    if (kHasZ)
+                        fetch_vec_s<kInType>(r_z + fo[f], fs + (2 * rows * RT + fo[f]) * (int)sizeof(in_t), fz[f] + nt0, valid);
+                }
             } else {
-            // Layouts of 1-2 lanes per channel: 4-8 slots, more than registers allow; plain loop.
-            for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
-                const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
-                const int valid = cc < kch ? nlen - t : 0;
-                const long long dd = d0 + cc;
-                fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + nt0 + t, valid);
-                fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + nt0 + t, valid);
-                if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
-            }
+                // Layouts of 1-2 lanes per channel: 4-8 slots, more than registers allow; plain loop.
+                for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
+                    const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+                    const int valid = cc < kch ? nlen - t : 0;
+                    const long long dd = d0 + cc;
+                    fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + nt0 + t, valid);
+                    fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + nt0 + t, valid);
+                    if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
+                }
             }
             if (kVarB || kVarC) {
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
