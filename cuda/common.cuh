@@ -253,14 +253,7 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-#else
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-// The same with the destination as a shared-window address (smem_u32), computed once by the caller.
+// dst: the destination's shared-window address (smem_u32); dst_generic: the same as a pointer.
 __device__ __forceinline__ void cp_async16_s(unsigned dst, void* dst_generic, const void* src) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -275,15 +268,21 @@ __device__ __forceinline__ void cp_async_wait_all() {
 }
 // One 16-byte vector of a row: asynchronously when the source is aligned and whole, otherwise
 // element by element with zeros past `valid` (which may be <= 0: all zeros, nothing read).
+// dst_s: dst's shared-window address (smem_u32), for callers that computed it once.
 template <int kT>
-__device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typename InType<kT>::t* src, int valid) {
+__device__ __forceinline__ void fetch_vec_s(typename InType<kT>::t* dst, unsigned dst_s,
+                                            const typename InType<kT>::t* src, int valid) {
     constexpr int VEC = Vec<kT>::n;
     if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
-        cp_async16(dst, src);
+        cp_async16_s(dst_s, dst, src);
     } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) dst[k] = k < valid ? src[k] : (typename InType<kT>::t)0;
     }
+}
+template <int kT>
+__device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typename InType<kT>::t* src, int valid) {
+    fetch_vec_s<kT>(dst, smem_u32(dst), src, valid);
 }
 
 // Variable B / C of one step in shared memory. Unpacked: fp32 [t][n] tiles, one per matrix.
@@ -302,15 +301,17 @@ template <int kT> __device__ __forceinline__ float hi16(unsigned w) {
     if constexpr (kT == 2) return __uint_as_float(w & 0xffff0000u);
     else return h2f((u16)(w >> 16));
 }
-// The 32-bit words of the 2 KS packed values at src (B's KS / 2 words, then C's).
-template <int KS> __device__ __forceinline__ void ld_words(const u16* src, unsigned (&w)[KS]) {
-    if constexpr (KS == 2) {
+// NW 32-bit words (1, 2 or a multiple of 4) of a packed tile at src, as one or more vector reads.
+template <int NW> __device__ __forceinline__ void ld_words(const u16* src, unsigned (&w)[NW]) {
+    if constexpr (NW == 1) {
+        w[0] = *reinterpret_cast<const unsigned*>(src);
+    } else if constexpr (NW == 2) {
         const uint2 r = *reinterpret_cast<const uint2*>(src);
         w[0] = r.x;
         w[1] = r.y;
     } else {
 #pragma unroll
-        for (int q = 0; q < KS / 4; ++q) {
+        for (int q = 0; q < NW / 4; ++q) {
             const uint4 r = *reinterpret_cast<const uint4*>(src + 8 * q);
             w[4 * q] = r.x;
             w[4 * q + 1] = r.y;
@@ -319,6 +320,7 @@ template <int KS> __device__ __forceinline__ void ld_words(const u16* src, unsig
         }
     }
 }
+// The 2 KS packed values of a lane group (B's KS / 2 words, then C's), widened.
 template <int kT, int KS>
 __device__ __forceinline__ void ld_bc_packed(const u16* src, float (&bb)[KS], float (&cv)[KS]) {
     unsigned w[KS];
@@ -331,26 +333,11 @@ __device__ __forceinline__ void ld_bc_packed(const u16* src, float (&bb)[KS], fl
         cv[2 * i + 1] = hi16<kT>(w[KS / 2 + i]);
     }
 }
-// B alone from a packed tile (KS / 2 words).
+// B alone from a packed tile (its KS / 2 words).
 template <int kT, int KS>
 __device__ __forceinline__ void ld_b_packed(const u16* src, float (&bb)[KS]) {
     unsigned w[KS / 2];
-    if constexpr (KS == 2) {
-        w[0] = *reinterpret_cast<const unsigned*>(src);
-    } else if constexpr (KS == 4) {
-        const uint2 r = *reinterpret_cast<const uint2*>(src);
-        w[0] = r.x;
-        w[1] = r.y;
-    } else {
-#pragma unroll
-        for (int q = 0; q < KS / 8; ++q) {
-            const uint4 r = *reinterpret_cast<const uint4*>(src + 8 * q);
-            w[4 * q] = r.x;
-            w[4 * q + 1] = r.y;
-            w[4 * q + 2] = r.z;
-            w[4 * q + 3] = r.w;
-        }
-    }
+    ld_words<KS / 2>(src, w);
 #pragma unroll
     for (int i = 0; i < KS / 2; ++i) {
         bb[2 * i] = lo16<kT>(w[i]);
@@ -367,19 +354,6 @@ __device__ __forceinline__ void st_packed(u16* tile, const u16* raw, int n, int 
     for (int k = 0; k < VEC; ++k) {
         const u16 v = (u16)((wv[k / 2] >> (16 * (k & 1))) & 0xffffu);
         tile[((t + k) * (NP / KS) + n / KS) * 2 * KS + which * KS + n % KS] = v;
-    }
-}
-
-// fetch_vec with the destination's shared-window address precomputed (dst_s = smem_u32(dst)).
-template <int kT>
-__device__ __forceinline__ void fetch_vec_s(typename InType<kT>::t* dst, unsigned dst_s,
-                                            const typename InType<kT>::t* src, int valid) {
-    constexpr int VEC = Vec<kT>::n;
-    if (valid >= VEC && ((unsigned long long)src & 15) == 0) {
-        cp_async16_s(dst_s, dst, src);
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) dst[k] = k < valid ? src[k] : (typename InType<kT>::t)0;
     }
 }
 

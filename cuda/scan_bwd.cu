@@ -248,8 +248,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     const float4 u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + t]);
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
-                        const float dt = k == 0 ? dt4.x : k == 1 ? dt4.y : k == 2 ? dt4.z : dt4.w;
-                        const float dtu = dt * (k == 0 ? u4.x : k == 1 ? u4.y : k == 2 ? u4.z : u4.w);
+                        const float dt = f4_at(dt4, k), dtu = dt * f4_at(u4, k);
                         float bb[kKS];
                         if constexpr (kPack) ld_b_packed<kInType, kKS>(s_BC + ((t + k) * (NP / kKS) + j) * 2 * kKS, bb);
                         else if (kVarB) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);

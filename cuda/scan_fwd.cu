@@ -96,17 +96,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     int fo[FS], ft[FS];
     bool fslot[FS];
     const unsigned fs = smem_u32(r_u);  // r_dl and r_z follow r_u, rows * RT elements apart
+    if constexpr (kG >= 4) {
 #pragma unroll
-    for (int f = 0; f < FS; ++f) {
-        const int i = threadIdx.x + f * blockDim.x;
-        const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
-        fslot[f] = i < rows * (T / VEC);
-        const long long dd = d0 + (cc < kch ? cc : 0);
-        fu[f] = u + dd * p.u_d_stride + t;
-        fdl[f] = delta + dd * p.delta_d_stride + t;
-        fz[f] = kHasZ ? z + dd * p.z_d_stride + t : nullptr;
-        fo[f] = cc * RT + t;
-        ft[f] = cc < kch ? t : T;  // rows past kch channels: valid <= 0, zeros
+        for (int f = 0; f < FS; ++f) {
+            const int i = threadIdx.x + f * blockDim.x;
+            const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
+            fslot[f] = i < rows * (T / VEC);
+            const long long dd = d0 + (cc < kch ? cc : 0);
+            fu[f] = u + dd * p.u_d_stride + t;
+            fdl[f] = delta + dd * p.delta_d_stride + t;
+            fz[f] = kHasZ ? z + dd * p.z_d_stride + t : nullptr;
+            fo[f] = cc * RT + t;
+            ft[f] = cc < kch ? t : T;  // rows past kch channels: valid <= 0, zeros
+        }
     }
 
     // Tile -1 only starts the copies of tile 0; each tile starts those of the next one as soon

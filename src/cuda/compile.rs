@@ -251,7 +251,7 @@ impl KernelSpec {
             format!("-DkVarC={}", self.var_c as i32),
             format!("-DkHasZ={}", self.has_z as i32),
         ];
-        v.extend(tuning_defines());
+        v.extend(tuning_defines().iter().cloned());
         v
     }
     pub fn source(&self) -> String {
@@ -300,14 +300,17 @@ impl KernelSpec {
 
 /// Extra `-D` options for the scan kernels from MAMBA_SCAN_CUDA_DEFINES (whitespace-separated,
 /// e.g. "-DkFwdU=16"): a tuning knob for A/B runs of the kernels' compile-time constants on the
-/// device. Anything that is not a `-D` option is ignored. The options are part of the disk
-/// cache key, like every other option.
-pub fn tuning_defines() -> Vec<String> {
-    parse_defines(
-        std::env::var("MAMBA_SCAN_CUDA_DEFINES")
-            .as_deref()
-            .unwrap_or(""),
-    )
+/// device. Anything that is not a `-D` option is ignored. Read once per process (the compiled
+/// kernels are cached per process too); the options are part of the disk cache key.
+pub fn tuning_defines() -> &'static [String] {
+    static DEFINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    DEFINES.get_or_init(|| {
+        parse_defines(
+            std::env::var("MAMBA_SCAN_CUDA_DEFINES")
+                .as_deref()
+                .unwrap_or(""),
+        )
+    })
 }
 
 fn parse_defines(s: &str) -> Vec<String> {

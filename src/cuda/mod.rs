@@ -44,8 +44,9 @@ struct DeviceState {
     /// Streaming multiprocessors (the backward's tile choice counts waves of blocks).
     sms: i32,
     funcs: HashMap<(Program, &'static str), sys::CUfunction>,
-    /// Resident blocks per SM of a scan kernel for a block size (the occupancy calculator, once).
-    occupancy: HashMap<(Program, u32), i32>,
+    /// Dynamic shared memory and resident blocks per SM of a scan kernel for a block size (the
+    /// occupancy calculator, once).
+    occupancy: HashMap<(Program, u32), (u32, i32)>,
     /// Dynamic shared memory each function has been allowed so far (cuFuncSetAttribute once per
     /// function and size, not on every launch).
     smem_allowed: HashMap<(Program, &'static str), u32>,
@@ -163,13 +164,15 @@ fn threads_per_block(kch: i32, g: u8) -> u32 {
 
 /// The value of a `-D{name}=` in MAMBA_SCAN_CUDA_DEFINES, else `default`.
 fn tuned_define(name: &str, default: u32) -> u32 {
-    let key = format!("-D{name}=");
     compile::tuning_defines()
         .iter()
         .rev()
         .find_map(|d| {
-            d.strip_prefix(key.as_str())
-                .and_then(|v| v.parse::<u32>().ok())
+            d.strip_prefix("-D")?
+                .strip_prefix(name)?
+                .strip_prefix('=')?
+                .parse::<u32>()
+                .ok()
         })
         .unwrap_or(default)
 }
@@ -215,10 +218,10 @@ fn prepared(
 ) -> Result<(sys::CUfunction, u32, i32)> {
     let prog = Program::Scan(spec);
     let f = function(st, prog, spec.entry())?;
-    let smem = smem_bytes(&spec, threads);
-    if let Some(&occ) = st.occupancy.get(&(prog, threads)) {
+    if let Some(&(smem, occ)) = st.occupancy.get(&(prog, threads)) {
         return Ok((f, smem, occ));
     }
+    let smem = smem_bytes(&spec, threads);
     // SAFETY: `f` belongs to the current context; attribute and sizes are valid.
     let occ = unsafe {
         let allowed = st
@@ -238,7 +241,7 @@ fn prepared(
         drv::occupancy::max_active_block_per_multiprocessor(f, threads as i32, smem as usize)
             .map_err(driver_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?
     };
-    st.occupancy.insert((prog, threads), occ);
+    st.occupancy.insert((prog, threads), (smem, occ));
     Ok((f, smem, occ))
 }
 
