@@ -42,11 +42,20 @@
 #endif
 #define kFl (kG * kKS > 64 ? kBwdFlW : kG * kKS > 16 ? kTs : (kBwdFl < kTile ? kBwdFl : kTile))
 #define TSP (kFl + 1)
+// The sum of variable dB / dC over a warp's channels: a shuffle reduce-scatter (1), or float4
+// reads of a per-warp shared scratch (0). The Rust side sizes shared memory by the same switch
+// (src/cuda/mod.rs, smem_bytes).
+#ifndef kBwdShfl
+#define kBwdShfl 1
+#endif
+#define kShfl (kBwdShfl != 0)
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
-// dD, ddelta_bias), then variable-dB partials [batch][tiles][N][L], then variable-dC partials.
+// dD, ddelta_bias), padded to 16 bytes, then variable-dB partials [batch][tiles][N][L], then
+// variable-dC partials (16-byte aligned rows when L % 4 == 0: the reduce reads them as float4).
+// The Rust side sizes the workspace by the same rule (src/cuda/mod.rs, bwd_workspace_elems).
 __device__ __forceinline__ long long ws_chan_size(const SsmParams& p) {
-    return (long long)p.batch * p.dim * (3 * p.dstate + 2);
+    return ((long long)p.batch * p.dim * (3 * p.dstate + 2) + 3) & ~3ll;
 }
 __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
     return (long long)p.batch * (p.dim / kch) * p.dstate * p.seqlen;
@@ -90,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     float* s_part = kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kFl + 1]
     float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * NP * TSP : 0);  // per-warp dB / dC
     // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
-    in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1) ? nwarps * kUB * MC * 2 * NP : 0));
+    in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1 && !kShfl) ? nwarps * kUB * MC * 2 * NP : 0));
     in_t* r_dl = r_u + rows * RT;
     in_t* r_do = r_dl + rows * RT;
     in_t* r_z = r_do + rows * RT;
@@ -368,7 +377,21 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                         g[s] = ga;
                     }
                     if (kVarB || kVarC) {
-                        if constexpr (MC > 1) {
+                        if constexpr (MC > 1 && kShfl) {
+                            // Sum over the warp's channels by a shuffle reduce-scatter: V - R
+                            // shuffles (7 at dstate 16), then each owner lane stores its R totals.
+                            typedef RS<2 * kKS, MC> RC;
+                            reduce_scatter<2 * kKS, MC, kG>(vbc, cw, mask);
+                            if (RC::owner(cw)) {
+#pragma unroll
+                                for (int r = 0; r < RC::R; ++r) {
+                                    const int v = RC::blk(cw) * RC::R + r;
+                                    const int which = v >= kKS ? 1 : 0;
+                                    const int n = j * kKS + v - which * kKS;
+                                    s_part[((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl] = vbc[r];
+                                }
+                            }
+                        } else if constexpr (MC > 1) {
                             // To the warp's scratch, [step][channel][dB|dC][n] with the dB / dC
                             // halves swapped in odd channels: the two channels of a quarter-warp
                             // (4 lanes each at dstate 16) then write different banks. Summed below.
@@ -388,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                     pdu[k] = sdu;
                     pdt[k] = sdt;
                 }
-                if constexpr ((kVarB || kVarC) && MC > 1) {
+                if constexpr ((kVarB || kVarC) && MC > 1 && !kShfl) {
                     // Sum the warp's channels of dB / dC per (step, n): float4 reads of the scratch
                     // (cheaper than shuffles: one add per value and channel), fixed order.
                     __syncwarp(mask);
@@ -501,9 +524,12 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
     const long long per = 3 * N + 2;
     const float* ws = (const float*)p.workspace_ptr;
     const long long n_small = (long long)dim * (3 * N + 2);
-    const long long n_vb = kVarB ? (long long)p.batch * p.b_ngroups * N * L : 0;
-    const long long n_vc = kVarC ? (long long)p.batch * p.c_ngroups * N * L : 0;
-    const long long total = n_small + n_vb + n_vc;
+    // Variable dB / dC in items of 4 steps: float4 partial reads where rows are 16-byte aligned.
+    const long long L4 = (L + 3) / 4;
+    const bool vec = L % 4 == 0;
+    const long long qb = kVarB ? (long long)p.batch * p.b_ngroups * N * L4 : 0;
+    const long long qc = kVarC ? (long long)p.batch * p.c_ngroups * N * L4 : 0;
+    const long long total = n_small + qb + qc;
     const long long tiles = dim / kch;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         if (i < n_small) {
@@ -523,22 +549,47 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
             }
             continue;
         }
-        const bool isb = i < n_small + n_vb;
-        const long long j = isb ? i - n_small : i - n_small - n_vb;
+        // Variable dB / dC: q indexes 4 consecutive steps of one (batch, group, n) row.
+        const long long q = i - n_small;
+        const bool isb = q < qb;
+        const long long jq = isb ? q : q - qb;
         const int ng = isb ? p.b_ngroups : p.c_ngroups;
-        const int t = (int)(j % L);
-        const int n = (int)((j / L) % N);
-        const int gg = (int)((j / ((long long)L * N)) % ng);
-        const int bb = (int)(j / ((long long)L * N * ng));
+        const long long row = jq / L4;
+        const int t = (int)(jq - row * L4) * 4;
+        const int n = (int)(row % N);
+        const int gg = (int)((row / N) % ng);
+        const int bb = (int)(row / ((long long)N * ng));
         const float* part = ws + ws_chan_size(p) + (isb ? 0 : (kVarB ? ws_part_size(p, kch) : 0));
         const long long tiles_per_group = tiles / ng;
-        float v = 0.f;
-        for (long long k = gg * tiles_per_group; k < (gg + 1) * tiles_per_group; ++k)
-            v += part[(((long long)bb * tiles + k) * N + n) * L + t];
-        if (isb) {
-            ((in_t*)p.db_ptr)[bb * p.db_batch_stride + gg * p.db_group_stride + n * p.db_dstate_stride + t] = from_f<kInType>(v);
+        const long long stride = (long long)N * L;  // between two channel tiles
+        const float* src = part + (((long long)bb * tiles + gg * tiles_per_group) * N + n) * L + t;
+        float4 v = f4(0.f, 0.f, 0.f, 0.f);
+        if (vec) {
+            // Fixed order, several loads in flight.
+#pragma unroll 8
+            for (long long k = 0; k < tiles_per_group; ++k) {
+                const float4 w = *reinterpret_cast<const float4*>(src + k * stride);
+                v.x += w.x;
+                v.y += w.y;
+                v.z += w.z;
+                v.w += w.w;
+            }
         } else {
-            ((in_t*)p.dc_ptr)[bb * p.dc_batch_stride + gg * p.dc_group_stride + n * p.dc_dstate_stride + t] = from_f<kInType>(v);
+            const int m = min(4, L - t);
+#pragma unroll 8
+            for (long long k = 0; k < tiles_per_group; ++k) {
+                const float* r = src + k * stride;
+                v.x += r[0];
+                if (m > 1) v.y += r[1];
+                if (m > 2) v.z += r[2];
+                if (m > 3) v.w += r[3];
+            }
         }
+        in_t* dst = isb ? (in_t*)p.db_ptr + bb * p.db_batch_stride + gg * p.db_group_stride + n * p.db_dstate_stride + t
+                        : (in_t*)p.dc_ptr + bb * p.dc_batch_stride + gg * p.dc_group_stride + n * p.dc_dstate_stride + t;
+        const float vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (t + e < L) dst[e] = from_f<kInType>(vv[e]);
     }
 }

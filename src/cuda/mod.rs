@@ -320,7 +320,8 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
             (threads / 32) * 2 * np * (bwd_flush_steps(spec) + 1)
-                + if mc > 1 {
+                // The per-warp scratch of the channel sums (kBwdShfl = 0 only).
+                + if mc > 1 && tuned_define("kBwdShfl", 1) == 0 {
                     (threads / 32) * 4 * mc * 2 * np
                 } else {
                     0
@@ -354,7 +355,8 @@ fn bwd_flush_steps(spec: &KernelSpec) -> u32 {
 /// does not need to know which one a call picks.
 pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
-    let chan = b * p.dim as i64 * (3 * n + 2);
+    // Padded to 16 bytes, as ws_chan_size in cuda/scan_bwd.cu (float4 reads of the partials).
+    let chan = (b * p.dim as i64 * (3 * n + 2) + 3) & !3;
     let tiles = [false, true]
         .into_iter()
         .map(|wide| {
@@ -441,7 +443,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                     + p.is_variable_c as i64 * p.c_ngroups as i64)
                     * p.batch as i64
                     * p.dstate as i64
-                    * p.seqlen as i64;
+                    * ((p.seqlen as i64 + 3) / 4);  // variable dB / dC: 4 steps per thread
             if total > 0 {
                 let blocks = (total as u64).div_ceil(256).min(132 * 16) as u32;
                 let mut args = [
