@@ -13,7 +13,8 @@ python -m pip install -q --no-deps --no-index --upgrade --target /tmp/site wheel
 export PYTHONPATH=/tmp/site:$PWD/benchmarks
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export ANCHOR_BUILD_DIR=/tmp/anchor_ss; mkdir -p $ANCHOR_BUILD_DIR
-(python benchmarks/bench_cuda.py --anchor-src .anchor/src/selective_scan --build-only \
+# NO_ANCHOR=1: no grid this call, so no anchor build either (it takes the CPU cores).
+[ -z "$NO_ANCHOR" ] && (python benchmarks/bench_cuda.py --anchor-src .anchor/src/selective_scan --build-only \
   > "$OUT/anchor_build.log" 2>&1; cp -f $ANCHOR_BUILD_DIR/selective_scan_cuda.so "$OUT/" 2>/dev/null) &
 if [ -n "$TEST_K" ]; then
   timeout ${TEST_S:-150} python -m pytest -q -rf -x tests/test_cuda.py -k "$TEST_K" 2>&1 \
@@ -61,8 +62,8 @@ if [ -n "$PROFILE" ]; then
   done
 fi
 wait
-tail -2 "$OUT/anchor_build.log"
-if [ -z "$NO_GRID" ]; then
+[ -z "$NO_ANCHOR" ] && tail -2 "$OUT/anchor_build.log"
+if [ -z "$NO_GRID$NO_ANCHOR" ]; then
   BENCH_OUT=$OUT timeout ${BENCH_S:-150} python benchmarks/bench_cuda.py \
     --anchor-src .anchor/src/selective_scan ${BENCH_ARGS} 2>&1 | tail -16
 fi

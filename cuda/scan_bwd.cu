@@ -28,27 +28,33 @@
 // allow: up to 4 states per lane and at least 4 lanes per channel (with 8 states per lane, or
 // the 1-lane layout's wide scratch sums, the held vectors make ptxas spill).
 #define kVecLd (kKS <= 4 && kG >= 4)
-// Steps per flush of the block's dB / dC slices: a sub-tile, or one unit for wide dstate (the
-// slices are [warp][dB|dC][n][kFl + 1] in shared memory).
-// kBwdFl: the flush span for up to 16 states per channel (at most the tile), where the slices
-// are small enough to cover more than a sub-tile: fewer block barriers. kBwdFlW: the span beyond
-// 64 states per channel (a unit, or a sub-tile). The Rust side sizes
-// shared memory by the same rule (src/cuda/mod.rs, bwd_flush_steps).
+// Steps per flush of the block's dB / dC slices (the slices are [warp][dB|dC][n][kFl + 1] in
+// shared memory). kBwdFl: the span up to 16 states per channel (at most the tile), where the
+// slices are small enough to cover more than a sub-tile: fewer block barriers. kBwdFlW: the span
+// beyond 64 states per channel (default a sub-tile; one 4-step unit measured 4.57 against 4.46 ms
+// at dstate 128, now that the shuffled channel sums leave the shared memory for it). The Rust side
+// sizes shared memory by the same rule (src/cuda/mod.rs, bwd_flush_steps).
 #ifndef kBwdFl
 #define kBwdFl 32
 #endif
 #ifndef kBwdFlW
-#define kBwdFlW kUB
+#define kBwdFlW kTs
 #endif
 #define kFl (kG * kKS > 64 ? kBwdFlW : kG * kKS > 16 ? kTs : (kBwdFl < kTile ? kBwdFl : kTile))
 #define TSP (kFl + 1)
-// The sum of variable dB / dC over a warp's channels: a shuffle reduce-scatter (1), or float4
-// reads of a per-warp shared scratch (0). The Rust side sizes shared memory by the same switch
-// (src/cuda/mod.rs, smem_bytes).
+// The sum of variable dB / dC over a warp's channels: a shuffle reduce-scatter, or float4 reads
+// of a per-warp shared scratch. kBwdShfl: 0 never shuffles, 2 always, 1 (default) beyond 16
+// states per channel. Measured on the H200 (bf16): the shuffles take the dstate-64 backward from
+// 4.86 to 4.56 ms and dstate 128 from 4.69 to 4.57, but the main shape (dstate 16) from 0.908 to
+// 0.918: there the selects of the reduce-scatter cost more instructions than the scratch's reads.
+// The Rust side sizes shared memory by the same rule (src/cuda/mod.rs, smem_bytes).
+#ifndef kBwdSubUnroll
+#define kBwdSubUnroll 0
+#endif
 #ifndef kBwdShfl
 #define kBwdShfl 1
 #endif
-#define kShfl (kBwdShfl != 0)
+#define kShfl (kBwdShfl == 2 || (kBwdShfl == 1 && kG * kKS > 16))
 
 // Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
 // dD, ddelta_bias), padded to 16 bytes, then variable-dB partials [batch][tiles][N][L], then
@@ -271,7 +277,11 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
         }
 
         // 2. Sub-tiles in reverse.
+#if kBwdSubUnroll
+#pragma unroll
+#else
 #pragma unroll 1
+#endif
         for (int sub = NSUB - 1; sub >= 0; --sub) {
             const int ts = sub * kTs;
             float hst[kKS], hs[kTs][kKS];

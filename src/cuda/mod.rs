@@ -320,8 +320,8 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
             (threads / 32) * 2 * np * (bwd_flush_steps(spec) + 1)
-                // The per-warp scratch of the channel sums (kBwdShfl = 0 only).
-                + if mc > 1 && tuned_define("kBwdShfl", 1) == 0 {
+                // The per-warp scratch of the channel sums: kShfl in cuda/scan_bwd.cu.
+                + if mc > 1 && !bwd_shuffle_sums(np) {
                     (threads / 32) * 4 * mc * 2 * np
                 } else {
                     0
@@ -336,13 +336,24 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
 }
 
+/// Whether the backward sums variable dB / dC over a warp's channels by shuffles (no per-warp
+/// scratch in shared memory); mirrors kShfl in cuda/scan_bwd.cu (kBwdShfl: 0 never, 2 always,
+/// 1 beyond 16 states per channel).
+fn bwd_shuffle_sums(np: u32) -> bool {
+    match tuned_define("kBwdShfl", 1) {
+        0 => false,
+        1 => np > 16,
+        _ => true,
+    }
+}
+
 /// Steps of dB / dC slices the backward keeps in shared memory between two flushes; mirrors
-/// kFl in cuda/scan_bwd.cu: kBwdFlW (a 4-step unit) beyond 64 states per channel, an 8-step
-/// sub-tile beyond 16, else min(tile, kBwdFl) (32); MAMBA_SCAN_CUDA_DEFINES may set either.
+/// kFl in cuda/scan_bwd.cu: kBwdFlW (default an 8-step sub-tile) beyond 64 states per channel,
+/// a sub-tile beyond 16, else min(tile, kBwdFl) (32); MAMBA_SCAN_CUDA_DEFINES may set either.
 fn bwd_flush_steps(spec: &KernelSpec) -> u32 {
     let np = spec.ks as u32 * spec.g as u32;
     if np > 64 {
-        tuned_define("kBwdFlW", 4)
+        tuned_define("kBwdFlW", BWD_SUB_TILE)
     } else if np > 16 {
         BWD_SUB_TILE
     } else {
