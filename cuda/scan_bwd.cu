@@ -42,6 +42,17 @@
 #endif
 #define kFl (kG * kKS > 64 ? kBwdFlW : kG * kKS > 16 ? kTs : (kBwdFl < kTile ? kBwdFl : kTile))
 #define TSP (kFl + 1)
+// The block's dB / dC slices: [warp][dB|dC][n][kFl + 1] up to 16 states per channel, where the
+// flush spans 32 steps (t-major rows: conflict-free flush reads); beyond, [warp][dB|dC][step]
+// [NP + 4]: a lane's shuffled totals are consecutive states of one step, stored as vectors (the
+// [n][t] rows took one scalar store per state with 4- to 8-way bank conflicts: ncu counted 235M
+// conflicting store wavefronts at dstate 128), and NP + 4 keeps the flush's reads, 8 steps by
+// 4 states per warp, on distinct banks. The Rust side sizes it by the same rule (smem_bytes).
+#define kPT (kG * kKS > 16)
+__device__ __forceinline__ int part_at(int w, int which, int n, int ii) {
+    constexpr int NP = kG * kKS;
+    return kPT ? ((w * 2 + which) * kFl + ii) * (NP + 4) + n : ((w * 2 + which) * NP + n) * TSP + ii;
+}
 // The sum of variable dB / dC over a warp's channels: a shuffle reduce-scatter, or float4 reads
 // of a per-warp shared scratch. kBwdShfl: 0 never shuffles, 2 always, 1 (default) beyond 16
 // states per channel. Measured on the H200 (bf16): the shuffles take the dstate-64 backward from
@@ -71,7 +82,14 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
 // allows it: the wide family, and 32-step tiles of 4 states per lane and up to 16 per channel.
 #define kMinBlocks (kKS < 4 || (kKS * kG <= 16 && kTile <= 32) ? 3 : 1)
 
-extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmParams p, const int kch) {
+// Threads per block at most: 256 for 8 states per lane (kBwdWideThreads; src/cuda/mod.rs,
+// max_threads), else 128.
+#ifndef kBwdWideThreads
+#define kBwdWideThreads 256
+#endif
+#define kMaxThreads (kKS == 8 && kBwdWideThreads >= 256 ? 256 : 128)
+
+extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(const SsmParams p, const int kch) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
     constexpr int T = kTile;  // a multiple of kChunk, the forward's interval between saved states
@@ -102,8 +120,8 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
     float* s_B = s_z + (kHasZ ? rows * TP : 0);
     float* s_C = s_B + (kVarB ? T * NP : 0);
     u16* s_BC = (u16*)s_B;  // the packed tile (kPack), in place of s_B and s_C
-    float* s_part = kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0);  // [warp][dB|dC][n][kFl + 1]
-    float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * NP * TSP : 0);  // per-warp dB / dC
+    float* s_part = kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0);  // part_at()
+    float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * (kPT ? kFl * (NP + 4) : NP * TSP) : 0);  // per-warp dB / dC
     // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
     in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1 && !kShfl) ? nwarps * kUB * MC * 2 * NP : 0));
     in_t* r_dl = r_u + rows * RT;
@@ -393,12 +411,15 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                             typedef RS<2 * kKS, MC> RC;
                             reduce_scatter<2 * kKS, MC, kG>(vbc, cw, mask);
                             if (RC::owner(cw)) {
+                                // R consecutive states of one half (R divides kKS).
+                                const int v0 = RC::blk(cw) * RC::R;
+                                const int which = v0 >= kKS ? 1 : 0;
+                                const int n0 = j * kKS + v0 - which * kKS;
+                                if constexpr (kPT && RC::R >= 2) {
+                                    st_states<RC::R>(s_part + part_at(warp, which, n0, (ts + i) % kFl), vbc);
+                                } else {
 #pragma unroll
-                                for (int r = 0; r < RC::R; ++r) {
-                                    const int v = RC::blk(cw) * RC::R + r;
-                                    const int which = v >= kKS ? 1 : 0;
-                                    const int n = j * kKS + v - which * kKS;
-                                    s_part[((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl] = vbc[r];
+                                    for (int r = 0; r < RC::R; ++r) s_part[part_at(warp, which, n0 + r, (ts + i) % kFl)] = vbc[r];
                                 }
                             }
                         } else if constexpr (MC > 1) {
@@ -409,12 +430,16 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                             const int sw = (cw & 1) ? NP : 0;
                             st_states<kKS>(w + sw, vbc);
                             st_states<kKS>(w + NP - sw, vbc + kKS);
+                        } else if constexpr (kPT) {
+                            // One channel per warp: the lane's states are consecutive.
+                            st_states<kKS>(s_part + part_at(warp, 0, j * kKS, (ts + i) % kFl), vbc);
+                            st_states<kKS>(s_part + part_at(warp, 1, j * kKS, (ts + i) % kFl), vbc + kKS);
                         } else {
 #pragma unroll
                             for (int v = 0; v < 2 * kKS; ++v) {
                                 const int which = v >= kKS ? 1 : 0;
                                 const int n = j * kKS + (v - which * kKS);
-                                s_part[((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl] = vbc[v];
+                                s_part[part_at(warp, which, n, (ts + i) % kFl)] = vbc[v];
                             }
                         }
                     }
@@ -439,11 +464,11 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                             acc.w += v.w;
                         }
                         const int which = f / NP, n = f - which * NP, i = ui * kUB + k;
-                        float* dst = s_part + ((warp * 2 + which) * NP + n) * TSP + (ts + i) % kFl;
-                        dst[0] = acc.x;
-                        dst[TSP] = acc.y;
-                        dst[2 * TSP] = acc.z;
-                        dst[3 * TSP] = acc.w;
+                        const int ii = (ts + i) % kFl;
+                        s_part[part_at(warp, which, n, ii)] = acc.x;
+                        s_part[part_at(warp, which, n + 1, ii)] = acc.y;
+                        s_part[part_at(warp, which, n + 2, ii)] = acc.z;
+                        s_part[part_at(warp, which, n + 3, ii)] = acc.w;
                     }
                     __syncwarp(mask);
                 }
@@ -474,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(128, kMinBlocks) ssm_bwd(const SsmP
                         const int t = ts + ui * kUB + ii;
                         if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
                         float v = 0.f;
-                        for (int w = 0; w < nwarps; ++w) v += s_part[((w * 2 + which) * NP + n) * TSP + ii];
+                        for (int w = 0; w < nwarps; ++w) v += s_part[part_at(w, which, n, ii)];
                         float* dst = which == 0 ? ws_dB : ws_dC;
                         dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
                     }

@@ -142,16 +142,28 @@ pub fn chunk_size(dstate: i32) -> i32 {
     chunk_for_layout(ks, g)
 }
 
-/// Threads per block at most, and channels per block at most (64: the one-lane layouts'
-/// fp32 tiles would not fit shared memory with 128).
-const MAX_THREADS: i32 = 128;
+/// Channels per block at most (64: the one-lane layouts' fp32 tiles would not fit shared memory
+/// with 128).
 const MAX_CHANNELS: i32 = 64;
 
-/// Channels per block: the largest power of two up to min(64, 128 / g) that divides dim and the
-/// group size of each variable B / C, so that a block's channels share one B tile and one C tile.
-fn channels_per_block(p: &crate::params::SsmParams, g: u8) -> i32 {
+/// Threads per block at most: 128, and for the backward's layouts of 8 states per lane
+/// (dstate > 32) kBwdWideThreads (default 256; kMaxThreads in cuda/scan_bwd.cu). Those kernels
+/// hold one or two 128-thread blocks per SM (over 200 registers), so 256 threads keep the warps
+/// per SM and halve the variable dB / dC partials that go through HBM to the reduce kernel.
+fn max_threads(ks: u8, backward: bool) -> i32 {
+    if backward && ks == 8 && tuned_define("kBwdWideThreads", 256) >= 256 {
+        256
+    } else {
+        128
+    }
+}
+
+/// Channels per block: the largest power of two up to min(64, max_threads / g) that divides dim
+/// and the group size of each variable B / C, so that a block's channels share one B tile and
+/// one C tile.
+fn channels_per_block(p: &crate::params::SsmParams, ks: u8, g: u8, backward: bool) -> i32 {
     let groups = gcd_groups(p);
-    let mut k = (MAX_THREADS / g as i32).min(MAX_CHANNELS);
+    let mut k = (max_threads(ks, backward) / g as i32).min(MAX_CHANNELS);
     while k > 1 && groups % k != 0 {
         k /= 2;
     }
@@ -319,7 +331,15 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let (floats, raw_rows) = if spec.backward {
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
-            (threads / 32) * 2 * np * (bwd_flush_steps(spec) + 1)
+            // part_at in cuda/scan_bwd.cu: [warp][2][n][steps + 1] up to 16 states per
+            // channel, else [warp][2][steps][n + 4].
+            (threads / 32)
+                * 2
+                * if np > 16 {
+                    bwd_flush_steps(spec) * (np + 4)
+                } else {
+                    np * (bwd_flush_steps(spec) + 1)
+                }
                 // The per-warp scratch of the channel sums: kShfl in cuda/scan_bwd.cu.
                 + if mc > 1 && !bwd_shuffle_sums(np) {
                     (threads / 32) * 4 * mc * 2 * np
@@ -371,8 +391,8 @@ pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
     let tiles = [false, true]
         .into_iter()
         .map(|wide| {
-            let (_, g) = layout_for(p.dstate, wide, true);
-            (p.dim / channels_per_block(p, g).max(1)) as i64
+            let (ks, g) = layout_for(p.dstate, wide, true);
+            (p.dim / channels_per_block(p, ks, g, true).max(1)) as i64
         })
         .max()
         .unwrap_or(1);
@@ -414,7 +434,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
             msg: "required by the CUDA backward".into(),
         });
     }
-    let kch = channels_per_block(&p, spec.g);
+    let kch = channels_per_block(&p, spec.ks, spec.g, backward);
     let threads = threads_per_block(kch, spec.g);
     let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
     let st = device_state(&mut map, ordinal)?;
@@ -547,7 +567,7 @@ mod tests {
     #[test]
     fn shared_memory_fits() {
         for spec in KernelSpec::all() {
-            let kch = (MAX_THREADS / spec.g as i32).min(MAX_CHANNELS);
+            let kch = (max_threads(spec.ks, spec.backward) / spec.g as i32).min(MAX_CHANNELS);
             let bytes = smem_bytes(&spec, threads_per_block(kch, spec.g));
             assert!(bytes <= 227 * 1024, "{spec:?}: {bytes} bytes");
         }
