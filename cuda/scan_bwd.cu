@@ -79,8 +79,8 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
 }
 
 // Three blocks per SM (<= 168 registers) where that compiles without spills and shared memory
-// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 16 per channel.
-#define kMinBlocks (kKS < 4 || (kKS * kG <= 16 && kTile <= 32) ? 3 : 1)
+// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 32 per channel.
+#define kMinBlocks (kKS < 4 || (kKS * kG <= 32 && kTile <= 32) ? 3 : 1)
 
 // Threads per block at most: 256 for 8 states per lane (kBwdWideThreads; src/cuda/mod.rs,
 // max_threads), else 128.
@@ -129,6 +129,11 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     in_t* r_z = r_do + rows * RT;
     in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
     in_t* r_C = r_B + (kVarB ? NP * RT : 0);
+    // delta_bias of the block's channels (0 past kch or without one), read once: the staging's
+    // per-tile global load of it was a long-scoreboard stall at first use (2% of the samples).
+    float* s_bias = (float*)(r_C + (kVarC ? NP * RT : 0));
+    for (int i = threadIdx.x; i < rows; i += blockDim.x)
+        s_bias[i] = (p.has_delta_bias && i < kch) ? ((const float*)p.delta_bias_ptr)[d0 + i] : 0.f;
 
     const long long ub = (long long)b;
     const in_t* u = (const in_t*)p.u_ptr + ub * p.u_batch_stride;
@@ -183,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     ld4_aligned<kInType>(r_do + cc * RT + e, gg + k);
                     if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
-                const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
+                const float bias = s_bias[cc];
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     // Unconditional softplus and selects: no branch per element, so the
@@ -494,14 +499,34 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 if ((kVarB || kVarC) && (ts + ui * kUB) % kFl == 0) {
                     // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
                     __syncthreads();
-                    for (int m = threadIdx.x; m < 2 * NP * kFl; m += blockDim.x) {
-                        const int ii = m % kFl, n = (m / kFl) % NP, which = m / (kFl * NP);
-                        const int t = ts + ui * kUB + ii;
-                        if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                        float v = 0.f;
-                        for (int w = 0; w < nwarps; ++w) v += s_part[part_at(w, which, n, ii)];
-                        float* dst = which == 0 ? ws_dB : ws_dC;
-                        dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                    constexpr int OUT = 2 * NP * kFl;  // (half, n, step) values per flush
+                    if (OUT % kMaxThreads == 0 && blockDim.x == kMaxThreads) {
+                        // A full block: compile-time trip counts and warp sums. Each thread
+                        // keeps one step (kMaxThreads is a multiple of kFl) and walks rows of
+                        // (half, n). ncu at the main shape: the general loop below was 11% of
+                        // the backward's instructions and 20% of its stall samples.
+                        const int ii = threadIdx.x % kFl, t = ts + ui * kUB + ii;
+                        const long long row0 = ((long long)b * tiles + blockIdx.x) * N;
+#pragma unroll
+                        for (int q = 0; q < OUT / kMaxThreads; ++q) {
+                            const int r = threadIdx.x / kFl + q * (kMaxThreads / kFl);
+                            const int which = r / NP, n = r - which * NP;
+                            float v = 0.f;
+#pragma unroll
+                            for (int w = 0; w < kMaxThreads / 32; ++w) v += s_part[part_at(w, which, n, ii)];
+                            if (n < N && t < len && (which ? kVarC : kVarB))
+                                (which ? ws_dC : ws_dB)[(row0 + n) * L + t0 + t] = v;
+                        }
+                    } else {
+                        for (int m = threadIdx.x; m < OUT; m += blockDim.x) {
+                            const int ii = m % kFl, n = (m / kFl) % NP, which = m / (kFl * NP);
+                            const int t = ts + ui * kUB + ii;
+                            if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                            float v = 0.f;
+                            for (int w = 0; w < nwarps; ++w) v += s_part[part_at(w, which, n, ii)];
+                            float* dst = which == 0 ? ws_dB : ws_dC;
+                            dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                        }
                     }
                     __syncthreads();
                 }

@@ -349,7 +349,8 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        ((3 + z) * rows * tp + bc + part, 3 + z)
+        // ... and delta_bias of the block's channels (s_bias, after the raw tiles).
+        ((3 + z) * rows * tp + bc + part + rows, 3 + z)
     } else {
         ((3 + z) * rows * tp + bc, 2 + z)
     };
