@@ -61,6 +61,11 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     in_t* r_z = r_dl + rows * RT;
     in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
     in_t* r_C = r_B + (kVarB ? NP * RT : 0);
+    // delta_bias of the block's channels (0 past kch or without one), read once instead of a
+    // global load per staging pass.
+    float* s_bias = (float*)(r_C + (kVarC ? NP * RT : 0));
+    for (int i = threadIdx.x; i < rows; i += blockDim.x)
+        s_bias[i] = (p.has_delta_bias && i < kch) ? ((const float*)p.delta_bias_ptr)[d0 + i] : 0.f;
 
     const in_t* u = (const in_t*)p.u_ptr + (long long)b * p.u_batch_stride;
     const in_t* delta = (const in_t*)p.delta_ptr + (long long)b * p.delta_batch_stride;
@@ -132,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     ld4_aligned<kInType>(r_dl + cc * RT + e, dt + k);
                     if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
-                const float bias = (p.has_delta_bias && valid > 0) ? ((const float*)p.delta_bias_ptr)[d0 + cc] : 0.f;
+                const float bias = s_bias[cc];
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     // Unconditional softplus and selects: no branch per element, so the

@@ -314,7 +314,8 @@ fn spec_of(plan: &Plan, backward: bool) -> Result<KernelSpec> {
 }
 
 /// Shared memory (bytes) of one block; mirrors the carve-up at the top of each kernel: fp32
-/// tiles, then the raw (input dtype) tiles that cp.async fills one tile ahead.
+/// tiles, then the raw (input dtype) tiles that cp.async fills one tile ahead, then delta_bias
+/// of the block's channels (`rows` floats).
 fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let t = spec.tile() as u32;
     let tp = t + 4;
@@ -349,10 +350,9 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        // ... and delta_bias of the block's channels (s_bias, after the raw tiles).
         ((3 + z) * rows * tp + bc + part + rows, 3 + z)
     } else {
-        ((3 + z) * rows * tp + bc, 2 + z)
+        ((3 + z) * rows * tp + bc + rows, 2 + z)
     };
     floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
 }
