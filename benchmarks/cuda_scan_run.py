@@ -51,6 +51,7 @@ def main():
             run(torch.float32, 2, 40, 16, 200, var_bc=False, h0=True)
             run(torch.bfloat16, 1, 32, 64, 333)
             run(torch.bfloat16, 1, 16, 128, 129)
+            run(torch.bfloat16, 1, 64, 32, 100)
     print("cuda_scan_run: done")
 
 
