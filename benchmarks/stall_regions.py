@@ -52,10 +52,18 @@ def main():
         print("   by opcode: " + ", ".join(f"{k} {v / total:.1%}" for k, v in ops.most_common(14)))
         hot = sorted(rows, key=lambda r: -num(r["Warp Stall Sampling (All Samples)"]))[:top]
         for r in hot:
-            rs = {k[6:]: num(v) for k, v in r.items() if k.startswith("stall_") and "Not Issued" not in k}
-            main_r = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rs.items(), key=lambda x: -x[1])[:3] if v)
-            print(f"   {r['Address']:>6} {num(r['Warp Stall Sampling (All Samples)']):7.0f} "
-                  f"{r['Source'].strip()[:60]:60s} [{main_r}]")
+            rs = {
+                k[6:]: num(v)
+                for k, v in r.items()
+                if k.startswith("stall_") and "Not Issued" not in k
+            }
+            main_r = ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(rs.items(), key=lambda x: -x[1])[:3] if v
+            )
+            print(
+                f"   {r['Address']:>6} {num(r['Warp Stall Sampling (All Samples)']):7.0f} "
+                f"{r['Source'].strip()[:60]:60s} [{main_r}]"
+            )
 
 
 if __name__ == "__main__":

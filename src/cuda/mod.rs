@@ -475,7 +475,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                     + p.is_variable_c as i64 * p.c_ngroups as i64)
                     * p.batch as i64
                     * p.dstate as i64
-                    * ((p.seqlen as i64 + 3) / 4);  // variable dB / dC: 4 steps per thread
+                    * ((p.seqlen as i64 + 3) / 4); // variable dB / dC: 4 steps per thread
             if total > 0 {
                 let blocks = (total as u64).div_ceil(256).min(132 * 16) as u32;
                 let mut args = [
