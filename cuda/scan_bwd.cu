@@ -259,7 +259,9 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         }
         // The start state of a tile (the forward's saved state before it, or initial_state),
         // loaded one tile ahead: its global load was a long-scoreboard stall at the first use
-        // (2% of the stall samples at the main shape).
+        // (2% of the stall samples at the main shape). Not with 8 states per lane: those
+        // kernels sit at 249-255 registers and the 8 held values made ptxas spill in some
+        // specialisations (fp32, fixed C, no z); there the load stays at the use.
         const auto start_state = [&](int tl, float (&dst)[kKS]) {
 #pragma unroll
             for (int s = 0; s < kKS; ++s) {
@@ -271,8 +273,9 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 }
             }
         };
+        constexpr bool kAhead = kKS < 8;
         if (tile == n_tiles) {
-            start_state(n_tiles - 1, h_next);
+            if constexpr (kAhead) start_state(n_tiles - 1, h_next);
             continue;
         }
         // Per-chunk partial sums, added to the totals at the chunk's end (shorter fp32 sums).
@@ -283,9 +286,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         // 1. Sub-tile start states, from the chunk's start state (registers: the loop is unrolled).
         float hb[NSUB][kKS];
         {
+            if constexpr (kAhead) {
 #pragma unroll
-            for (int s = 0; s < kKS; ++s) hb[0][s] = h_next[s];
-            if (tile > 0) start_state(tile - 1, h_next);
+                for (int s = 0; s < kKS; ++s) hb[0][s] = h_next[s];
+                if (tile > 0) start_state(tile - 1, h_next);
+            } else {
+                start_state(tile, hb[0]);
+            }
 #pragma unroll
             for (int sub = 1; sub < NSUB; ++sub) {
                 float h[kKS];
