@@ -477,7 +477,9 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                     * p.dstate as i64
                     * ((p.seqlen as i64 + 3) / 4); // variable dB / dC: 4 steps per thread
             if total > 0 {
-                let blocks = (total as u64).div_ceil(256).min(132 * 16) as u32;
+                // A grid-stride loop: up to 16 blocks per SM of this device.
+                let cap = 16 * st.sms.max(1) as u64;
+                let blocks = (total as u64).div_ceil(256).min(cap) as u32;
                 let mut args = [
                     &mut pp as *mut _ as *mut c_void,
                     &mut kch_arg as *mut _ as *mut c_void,
