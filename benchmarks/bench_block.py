@@ -4,7 +4,7 @@ mamba_ssm), same weights, fp32 on the CPU (or the device given). Medians of wall
 
     python benchmarks/bench_block.py [--device cpu|cuda] [--d-model 768] [--batch 1] [--seqlen 1024]
 
-Writes benchmarks/results/block_<device>.md.
+Writes benchmarks/results/block_<machine>.md.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 
+import naming
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,9 +85,9 @@ def main():
     ]
     lines += [f"| {a} | {b:.1f} | {c:.1f} |" for a, b, c in rows]
     lines.append(f"| speed-up | {rows[1][1] / rows[0][1]:.1f}x | {rows[1][2] / rows[0][2]:.1f}x |")
-    text = "\n".join(lines)
+    text = naming.header(dev) + "\n\n" + "\n".join(lines)
     print(text)
-    out = os.path.join(HERE, "results", f"block_{dev}.md")
+    out = naming.result_path("block", device=dev)
     with open(out, "w") as f:
         f.write(text + "\n")
 

@@ -1,7 +1,7 @@
 """CPU benchmark: mamba-scan vs the transformers-style slow path and our selective_scan_ref.
 
 Prints a markdown table (median wall-clock ms, ratios measured in the same run) and the
-exp-throughput floor measured on this machine; writes benchmarks/results/cpu.md (and cpu.png
+exp-throughput floor measured on this machine; writes benchmarks/results/cpu_<n>core.md (and .png
 when matplotlib is installed). A report, not a test: nothing is asserted.
 
     python benchmarks/bench_cpu.py [--quick]
@@ -14,6 +14,7 @@ import os
 import platform
 import time
 
+import naming
 import torch
 
 from mamba_scan import _native, selective_scan_fn, selective_scan_ref
@@ -104,9 +105,9 @@ def main():
     text = "\n".join(lines)
     print()
     print(text)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    text = naming.header("cpu") + "\n\n" + text
     if not args.quick:
-        with open(os.path.join(HERE, "results", "cpu.md"), "w") as f:
+        with open(naming.result_path("cpu", device="cpu"), "w") as f:
             f.write(text + "\n")
         try:
             import matplotlib
@@ -127,7 +128,7 @@ def main():
             ax.legend()
             ax.set_title("mamba-scan CPU selective scan")
             fig.tight_layout()
-            fig.savefig(os.path.join(HERE, "results", "cpu.png"), dpi=120)
+            fig.savefig(naming.result_path("cpu", "png", device="cpu"), dpi=120)
         except ImportError:
             print("(matplotlib not installed: no plot)")
 

@@ -6,7 +6,7 @@ after warm-up, ratios from one run, GB/s and fraction of the MUFU exp floor.
 
 --anchor-src: mamba_ssm's csrc/selective_scan sources (from the PyPI sdist); they are built
 with torch's cpp_extension for this GPU's arch only (never committed). Without it, or when the
-build fails, the anchor columns are left out. Writes benchmarks/results/cuda.md and cuda.png.
+build fails, the anchor columns are left out. Writes benchmarks/results/scan_<gpu>.md and .png.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import naming
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -223,9 +224,8 @@ def main():
         lines += ["", overhead(anchor)]
     text = "\n".join(lines)
     print("\n" + text)
-    out_dir = os.environ.get("BENCH_OUT", os.path.join(HERE, "results"))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cuda.md"), "w") as f:
+    text = naming.header() + "\n\n" + text
+    with open(naming.result_path("scan"), "w") as f:
         f.write(text + "\n")
     try:
         import matplotlib
@@ -246,7 +246,7 @@ def main():
         ax.legend()
         ax.set_title(f"selective scan on {torch.cuda.get_device_name()}")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "cuda.png"), dpi=120)
+        fig.savefig(naming.result_path("scan", "png"), dpi=120)
     except ImportError:
         pass
 

@@ -6,7 +6,7 @@ causal-conv1d's CUDA update; see anchors.py) vs the PyTorch reference.
 
 Two numbers per row: eager microseconds per step (N back-to-back steps, wall clock, one
 synchronisation at the end: host overhead included), and CUDA-graph replay of the same step
-(CUDA-event median). Writes benchmarks/results/decode.md.
+(CUDA-event median). Writes benchmarks/results/decode_<gpu>.md.
 
     python benchmarks/bench_decode.py [--anchors]
 """
@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 
+import naming
 import torch
 
 import mamba_scan
@@ -124,10 +125,9 @@ def main():
                 for label, o in outs.items():
                     e = (o.float() - ref).abs().max().item()
                     print(f"  {label}: max |out - torch ref| after one step = {e:.2e}")
-    text = "\n".join(lines)
+    text = naming.header() + "\n\n" + "\n".join(lines)
     print(text)
-    out = os.environ.get("BENCH_OUT") or os.path.join(HERE, "results")
-    with open(os.path.join(out, "decode.md"), "w") as f:
+    with open(naming.result_path("decode"), "w") as f:
         f.write(text + "\n")
 
 

@@ -3,7 +3,7 @@ weights, as AMP training runs): mamba_scan.Mamba vs mamba_ssm's Mamba (mamba_inn
 selective_scan_cuda + causal-conv1d, built from their sdists, see anchors.py) vs transformers'
 MambaMixer on its PyTorch path. All hold the same weights; CUDA-event medians after warm-up.
 
-    python benchmarks/bench_train.py [--anchors] [--slow-path] [--out train_block.md]
+    python benchmarks/bench_train.py [--anchors] [--slow-path] [--out FILE]
 
 The transformers row needs a process without the anchors (else transformers may resolve its
 kernels to them). Writes benchmarks/results/<out>.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import naming
 import torch
 from bench_cuda import cuda_ms  # CUDA-event median after warm-up
 
@@ -27,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchors", action="store_true")
     ap.add_argument("--slow-path", action="store_true", help="time transformers' torch path too")
-    ap.add_argument("--out", default="train_block.md")
+    ap.add_argument("--out", default="", help="file name (default block_<gpu>.md)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--d-models", default="768,2048", help="subset of the shapes, by d_model")
     args = ap.parse_args()
@@ -97,10 +98,10 @@ def main():
             lines.append(row)
             print(row, flush=True)
             m.zero_grad(set_to_none=True)
-    text = "\n".join(lines)
+    text = naming.header() + "\n\n" + "\n".join(lines)
     print(text)
-    out = os.environ.get("BENCH_OUT") or os.path.join(HERE, "results")
-    with open(os.path.join(out, args.out), "w") as f:
+    path = os.path.join(naming.out_dir(), args.out) if args.out else naming.result_path("block")
+    with open(path, "w") as f:
         f.write(text + "\n")
 
 

@@ -79,8 +79,12 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
 }
 
 // Three blocks per SM (<= 168 registers) where that compiles without spills and shared memory
-// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 32 per channel.
-#define kMinBlocks (kKS < 4 || (kKS * kG <= 32 && kTile <= 32) ? 3 : 1)
+// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 32 per channel
+// with variable B and C. With a fixed B or C each lane also holds its channel's B or C: those
+// kernels sit at the 168-register ceiling, where one (fp32, fixed B, 2 lanes per channel, no z)
+// spilled 16 bytes with NVRTC 13.0 on sm_90; they are rare (S4D-style layers), so they take
+// the registers of fewer resident blocks.
+#define kMinBlocks (kKS < 4 || (kKS * kG <= 32 && kTile <= 32 && kVarB && kVarC) ? 3 : 1)
 
 // Threads per block at most: 256 for 8 states per lane (kBwdWideThreads; src/cuda/mod.rs,
 // max_threads), else 128.

@@ -643,18 +643,86 @@ fn cuda_bwd_workspace_size(
     }
 }
 
-/// Compile every CUDA kernel specialisation for `arch` (e.g. "sm_90"). Returns a list of
-/// (name, registers, spill bytes); with `use_cache` it fills the disk cache instead and reports
-/// no resources. Needs libnvrtc only, no GPU.
+/// The names of the kernel programs (specialisations) that `cuda_compile_program` takes, in
+/// index order.
 #[pyfunction]
-#[pyo3(signature = (arch, use_cache=false))]
-fn cuda_compile_all(
+fn cuda_program_names() -> Vec<String> {
+    cuda::program_names()
+}
+
+/// Compile kernel program `index` (an index into `cuda_program_names()`) for `arch` (e.g.
+/// "sm_90"). Returns (name, registers, spill bytes, cubin digest); with `use_cache` it goes
+/// through the disk cache and reports no resources. Releases the GIL: call it from several
+/// threads at once. Needs libnvrtc only, no GPU.
+#[pyfunction]
+#[pyo3(signature = (arch, index, use_cache=false))]
+fn cuda_compile_program(
     py: Python<'_>,
     arch: String,
+    index: usize,
     use_cache: bool,
-) -> PyResult<Vec<(String, Option<u32>, u32)>> {
-    let r = py.detach(move || cuda::compile_all(&arch, use_cache));
-    Ok(r?)
+) -> PyResult<(String, Option<u32>, u32, u64)> {
+    let r = py.detach(move || cuda::compile_program(index, &arch, use_cache))?;
+    Ok((r.name, r.registers, r.spill_bytes, r.digest))
+}
+
+/// NVRTC in this process: (cubin, log) of `source` compiled with `options`. The body of the
+/// compile worker (src/cuda/compile.rs); raises CompileError with the log when NVRTC fails.
+#[pyfunction]
+fn nvrtc_compile_in_process<'py>(
+    py: Python<'py>,
+    source: String,
+    name: String,
+    options: Vec<String>,
+) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, String)> {
+    let c = py.detach(move || cuda::compile::compile_source(&source, &name, &options))?;
+    Ok((pyo3::types::PyBytes::new(py, &c.cubin), c.log))
+}
+
+/// Run kernel compiles in a worker process (`python` loading this module from `module`, after
+/// loading `nvrtc` if given), so that one source gives one cubin (src/cuda/compile.rs, Worker).
+/// Returns False when a worker was set already.
+#[pyfunction]
+#[pyo3(signature = (python, module, nvrtc=None))]
+fn set_compile_worker(python: String, module: String, nvrtc: Option<String>) -> bool {
+    cuda::compile::set_worker(python.into(), module.into(), nvrtc.map(Into::into))
+}
+
+/// Whether kernel compiles run in the worker process (set and able to run).
+#[pyfunction]
+fn compile_worker_active() -> bool {
+    cuda::compile::worker_active()
+}
+
+/// The disk cache directory of compiled kernels (None: no cache; see MAMBA_SCAN_CACHE_DIR).
+#[pyfunction]
+fn cuda_cache_dir() -> Option<String> {
+    cuda::compile::cache_dir().map(|d| d.display().to_string())
+}
+
+/// Logs the first compile that the disk cache could not serve in this process (INFO, logger
+/// "mamba_scan"), the rest at DEBUG.
+fn log_cold_compile(label: &str, arch: &str, dir: Option<&std::path::Path>) {
+    static FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let first = FIRST.swap(false, std::sync::atomic::Ordering::Relaxed);
+    let dir = dir.map_or("no disk cache".to_string(), |d| d.display().to_string());
+    Python::attach(|py| {
+        let msg = if first {
+            format!(
+                "compiling CUDA kernel {label} for {arch} with NVRTC: the first use of each \
+                 kernel specialisation takes 1-4 s, later runs load it from the cache ({dir}); \
+                 `python -m mamba_scan warmup` compiles all of them ahead of time"
+            )
+        } else {
+            format!("compiling CUDA kernel {label} for {arch} (cache: {dir})")
+        };
+        let level = if first { 20 } else { 10 };
+        // Logging is best effort: a failure here must not fail the kernel call.
+        let _ = py
+            .import("logging")
+            .and_then(|m| m.call_method1("getLogger", ("mamba_scan",)))
+            .and_then(|l| l.call_method1("log", (level, msg)));
+    });
 }
 
 /// The cubin and ptxas log of one specialisation (for inspecting SASS with cuobjdump/nvdisasm).
@@ -704,7 +772,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_chunk_size, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_bwd_workspace_size, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_program_names, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_cache_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_compile_in_process, m)?)?;
+    m.add_function(wrap_pyfunction!(set_compile_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(compile_worker_active, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile_program, m)?)?;
+    let _ = cuda::compile::COLD_COMPILE_HOOK.set(log_cold_compile);
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_cubin, m)?)?;
     let py = m.py();

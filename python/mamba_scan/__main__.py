@@ -123,9 +123,15 @@ def warmup(arch: str | None) -> int:
             return 2
         major, minor = torch.cuda.get_device_capability()
         arch = f"sm_{major}{minor}"
+    from ._compile import ProgressBar, compile_all
+
+    cache = _native.cuda_cache_dir()
+    if cache is None:
+        print("MAMBA_SCAN_CACHE_DIR is empty: the disk cache is off, nothing to warm up")
+        return 2
     t = time.perf_counter()
-    done = _native.cuda_compile_all(arch, use_cache=True)
-    print(f"{len(done)} kernels for {arch} in the cache ({time.perf_counter() - t:.1f} s)")
+    done = compile_all(arch, use_cache=True, progress=ProgressBar(f"cache {cache}"))
+    print(f"{len(done)} kernels for {arch} in {cache} ({time.perf_counter() - t:.1f} s)")
     return 0
 
 

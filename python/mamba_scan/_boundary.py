@@ -48,31 +48,39 @@ _CUDA_LIBS_READY = False
 def ensure_cuda_libs() -> None:
     """Make libnvrtc loadable by name before the native module looks for it: torch's CUDA
     wheels ship it under site-packages/nvidia/*/lib, which is not on the loader path. Loading it
-    once with RTLD_GLOBAL lets the later dlopen("libnvrtc.so.N") find the same copy."""
+    once with RTLD_GLOBAL lets the later dlopen("libnvrtc.so.N") find the same copy. Then set up
+    the compile worker (src/cuda/compile.rs): a fresh interpreter per kernel compile, so that one
+    source gives one cubin on this machine whatever else the process did or the machine's load.
+    MAMBA_SCAN_COMPILE_IN_PROCESS=1 compiles in this process instead."""
     global _CUDA_LIBS_READY
     if _CUDA_LIBS_READY:
         return
     import ctypes
     import glob
     import os
+    import sys
 
-    roots = []
-    for p in __import__("sys").path:
-        nv = os.path.join(p, "nvidia")
-        if os.path.isdir(nv):
-            roots.append(nv)
-    for root in roots:
+    found = None
+    for p in sys.path:
+        root = os.path.join(p, "nvidia")
+        if not os.path.isdir(root) or found:
+            continue
         for pat in ("*/lib/libnvrtc.so.*", "cuda_nvrtc/lib/libnvrtc.so.*"):
             for lib in sorted(glob.glob(os.path.join(root, pat))):
                 if "builtins" in os.path.basename(lib) or "alt" in os.path.basename(lib):
                     continue
                 try:
                     ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-                    _CUDA_LIBS_READY = True
-                    return
                 except OSError:
                     continue
-    _CUDA_LIBS_READY = True  # fall back to the system loader path (a CUDA toolkit install)
+                found = lib
+                break
+            if found:
+                break
+    # Without a copy in site-packages, the system loader path (a CUDA toolkit install).
+    if os.environ.get("MAMBA_SCAN_COMPILE_IN_PROCESS") != "1" and sys.executable:
+        _native.set_compile_worker(sys.executable, _native.__file__, found)
+    _CUDA_LIBS_READY = True
 
 
 def require_tensor(x, name: str, optional: bool = False):

@@ -91,6 +91,24 @@ impl Program {
             Program::Small => "small",
         }
     }
+    /// A readable name of the specialisation (compile reports, logs).
+    pub fn label(&self) -> String {
+        match self {
+            Program::Scan(s) => format!(
+                "{} in{} ks{} g{} varB{} varC{} z{} chunk{} tile{}",
+                s.entry(),
+                s.in_type,
+                s.ks,
+                s.g,
+                s.var_b as u8,
+                s.var_c as u8,
+                s.has_z as u8,
+                s.chunk(),
+                s.tile()
+            ),
+            Program::Small => "small kernels".to_string(),
+        }
+    }
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Program::Scan(s) => s.entries(),
@@ -388,18 +406,48 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// Compile with NVRTC (no cache).
+/// Compile with NVRTC (no cache): in a worker process when one is configured (see
+/// [`set_worker`]), else in this process.
 pub fn compile(spec: &Program, arch: &str) -> Result<Compiled> {
+    let src = spec.source();
+    let name = format!("{}.cu", spec.name());
+    let opts = spec.options(arch);
+    if let Some(w) = WORKER.get() {
+        if !w.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            match w.compile(&src, &name, &opts) {
+                Ok(WorkerResult::Done(c)) => return Ok(c),
+                Ok(WorkerResult::CompileFailed(log)) => {
+                    return Err(ScanError::Compile {
+                        msg: format!("{} {:?} for {arch}", spec.name(), spec),
+                        log,
+                    });
+                }
+                // The worker could not run here (no interpreter, a sandbox that refuses the
+                // personality call or process creation): compile in this process from now on.
+                Err(_) => w.failed.store(true, std::sync::atomic::Ordering::Relaxed),
+            }
+        }
+    }
+    compile_source(&src, &name, &opts).map_err(|e| match e {
+        ScanError::Compile { msg, log } => ScanError::Compile {
+            msg: format!("{} {:?} for {arch}: {msg}", spec.name(), spec),
+            log,
+        },
+        e => e,
+    })
+}
+
+/// NVRTC in this process: source, program name and options to a cubin and the compile log.
+pub fn compile_source(src: &str, name: &str, opts: &[String]) -> Result<Compiled> {
     nvrtc_present()?;
     use cudarc::nvrtc::{result, sys};
-    let src = CString::new(spec.source()).map_err(|e| nvrtc_err("source", e))?;
-    let name = CString::new(format!("{}.cu", spec.name())).unwrap();
+    let src = CString::new(src).map_err(|e| nvrtc_err("source", e))?;
+    let name = CString::new(name).map_err(|e| nvrtc_err("name", e))?;
     let prog = result::create_program(&src, Some(&name))
         .map_err(|e| nvrtc_err("nvrtcCreateProgram", e))?;
-    let opts = spec.options(arch);
     // SAFETY: `prog` is a live program; it is destroyed on every path below.
     unsafe {
-        let compiled = result::compile_program(prog, &opts);
+        let compiled = result::compile_program(prog, opts);
         let log = result::get_program_log(prog)
             .map(|v| {
                 let bytes: Vec<u8> = v
@@ -413,7 +461,7 @@ pub fn compile(spec: &Program, arch: &str) -> Result<Compiled> {
         if let Err(e) = compiled {
             let _ = result::destroy_program(prog);
             return Err(ScanError::Compile {
-                msg: format!("{} {:?} for {arch}: {e:?}", spec.name(), spec),
+                msg: format!("{e:?}"),
                 log,
             });
         }
@@ -437,6 +485,176 @@ pub fn compile(spec: &Program, arch: &str) -> Result<Compiled> {
         }
         Ok(Compiled { cubin, log })
     }
+}
+
+/// Where NVRTC runs. NVVM (NVRTC's optimiser) is not deterministic within a process: the PTX
+/// of one source and one set of options depends on the heap addresses of the compiling process
+/// (measured with NVRTC 13.0 and 13.2: 5 different PTX texts in 6 compiles of one backward
+/// specialisation in one process), and ptxas turns some of those texts into kernels that spill
+/// registers. In a fresh process with address-space randomisation off and a fixed environment,
+/// the allocations before the compile, and so the addresses, are the same every time: one
+/// source compiles to one cubin on a machine, whatever its load or the calling process did
+/// before. (`--Ofast-compile=min` also makes NVVM deterministic, but the kernels measured
+/// 15-23% slower on an H200.) So each compile runs in a short-lived worker: the Python
+/// interpreter, without site packages, loading this extension module by path.
+struct Worker {
+    python: std::path::PathBuf,
+    module: std::path::PathBuf,
+    nvrtc: Option<std::path::PathBuf>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+static WORKER: std::sync::OnceLock<Worker> = std::sync::OnceLock::new();
+
+/// The worker's program: load libnvrtc and this module by path, read one request (source, name,
+/// options) from stdin, compile in-process, write `log length, log, cubin length, cubin`
+/// (little-endian u64 lengths) to stdout; exit status 3 with the log when NVRTC fails.
+const WORKER_CODE: &str = r#"
+import ctypes, importlib.machinery as m, importlib.util as u, json, sys
+mod_path, nvrtc = sys.argv[1], sys.argv[2]
+if nvrtc:
+    ctypes.CDLL(nvrtc, mode=ctypes.RTLD_GLOBAL)
+loader = m.ExtensionFileLoader("mamba_scan._native", mod_path)
+mod = u.module_from_spec(u.spec_from_file_location("mamba_scan._native", mod_path, loader=loader))
+loader.exec_module(mod)
+req = json.loads(sys.stdin.buffer.read())
+out = sys.stdout.buffer
+try:
+    cubin, log = mod.nvrtc_compile_in_process(req["source"], req["name"], req["options"])
+except mod.CompileError as e:
+    log = str(e).encode()
+    out.write(len(log).to_bytes(8, "little") + log)
+    out.flush()
+    sys.exit(3)
+log = log.encode()
+out.write(len(log).to_bytes(8, "little") + log + len(cubin).to_bytes(8, "little") + cubin)
+"#;
+
+enum WorkerResult {
+    Done(Compiled),
+    CompileFailed(String),
+}
+
+impl Worker {
+    fn compile(&self, src: &str, name: &str, opts: &[String]) -> std::io::Result<WorkerResult> {
+        use std::io::{Read, Write};
+        use std::os::unix::process::CommandExt;
+        let nvrtc = self
+            .nvrtc
+            .as_ref()
+            .map(|p| p.as_os_str().to_owned())
+            .unwrap_or_default();
+        let mut cmd = std::process::Command::new(&self.python);
+        cmd.args(["-S", "-s", "-c", WORKER_CODE])
+            .arg(&self.module)
+            .arg(nvrtc)
+            .env_clear()
+            .env("PYTHONHASHSEED", "0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: the closure runs in the forked child before exec and makes one system call
+        // (personality), which is async-signal-safe; it allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(|| {
+                let cur = libc::personality(0xffff_ffff);
+                if cur == -1
+                    || libc::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let req = format!(
+            "{{\"source\": {}, \"name\": {}, \"options\": [{}]}}",
+            json_str(src),
+            json_str(name),
+            opts.iter()
+                .map(|o| json_str(o))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let missing = || std::io::Error::other("compile worker: a pipe is missing");
+        let mut stdin = child.stdin.take().ok_or_else(missing)?;
+        // Written from a thread: the child's output pipe could fill before it reads all input.
+        let writer = std::thread::spawn(move || stdin.write_all(req.as_bytes()));
+        let mut out = Vec::new();
+        child
+            .stdout
+            .take()
+            .ok_or_else(missing)?
+            .read_to_end(&mut out)?;
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let status = child.wait()?;
+        let _ = writer.join();
+        let bad = |what: &str| {
+            std::io::Error::other(format!("compile worker: {what} (status {status}): {err}"))
+        };
+        let take = |buf: &[u8], at: usize| -> Option<(Vec<u8>, usize)> {
+            let n = u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?) as usize;
+            Some((buf.get(at + 8..at + 8 + n)?.to_vec(), at + 8 + n))
+        };
+        let (log, at) = take(&out, 0).ok_or_else(|| bad("no output"))?;
+        let log = String::from_utf8_lossy(&log).into_owned();
+        if status.code() == Some(3) {
+            return Ok(WorkerResult::CompileFailed(log));
+        }
+        if !status.success() {
+            return Err(bad("failed"));
+        }
+        let (cubin, _) = take(&out, at).ok_or_else(|| bad("truncated output"))?;
+        Ok(WorkerResult::Done(Compiled { cubin, log }))
+    }
+}
+
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\t' => o.push_str("\\t"),
+            '\r' => o.push_str("\\r"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Run every later compile in a worker: `python` an interpreter that can load this extension
+/// module from `module` (its file), `nvrtc` the libnvrtc to load first (None: the loader's
+/// search). The first call wins. A worker that cannot run disables itself for the process and
+/// the compiles run in-process (nondeterministic, see [`Worker`]).
+pub fn set_worker(
+    python: std::path::PathBuf,
+    module: std::path::PathBuf,
+    nvrtc: Option<std::path::PathBuf>,
+) -> bool {
+    WORKER
+        .set(Worker {
+            python,
+            module,
+            nvrtc,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+        .is_ok()
+}
+
+/// Whether compiles go through the worker (configured and not failed).
+pub fn worker_active() -> bool {
+    WORKER
+        .get()
+        .is_some_and(|w| !w.failed.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// FNV-1a, 64 bit: stable across builds (std's hasher is not), enough for cache keys/checksums.
@@ -471,6 +689,12 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 const MAGIC: &[u8; 8] = b"MSCUBIN1";
 
+/// Called before every compile that the disk cache could not serve, with the program's label,
+/// the architecture and the cache directory (the Python module logs the first one: a user then
+/// knows why a first step takes seconds). Set once by the binding layer.
+pub static COLD_COMPILE_HOOK: std::sync::OnceLock<fn(&str, &str, Option<&std::path::Path>)> =
+    std::sync::OnceLock::new();
+
 /// Compile through the disk cache. A missing, unreadable or corrupt entry is recompiled.
 pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version()?;
@@ -493,6 +717,13 @@ pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
                 }
             }
         }
+    }
+    if let Some(hook) = COLD_COMPILE_HOOK.get() {
+        hook(
+            &spec.label(),
+            arch,
+            path.as_deref().and_then(|p| p.parent()),
+        );
     }
     let c = compile(spec, arch)?;
     if let Some(path) = &path {

@@ -507,47 +507,46 @@ pub fn backward(plan: &Plan, stream: u64) -> Result<()> {
     launch(plan, stream, true)
 }
 
-/// Compile (or fetch from the cache) every specialisation for `arch`; returns (name, registers,
-/// spill bytes) per kernel. Used by `python -m mamba_scan warmup` and the CI compile check.
-pub fn compile_all(arch: &str, use_cache: bool) -> Result<Vec<(String, Option<u32>, u32)>> {
-    use rayon::prelude::*;
-    // NVRTC programs are independent: compile them on all cores.
-    Program::all()
-        .into_par_iter()
-        .map(|prog| {
-            let spec = match prog {
-                Program::Scan(spec) => spec,
-                Program::Small => {
-                    let c = if use_cache {
-                        compile_cached(&prog, arch).map(|_| (None, 0))
-                    } else {
-                        compile::compile(&prog, arch).map(|c| c.resources())
-                    }?;
-                    return Ok(("small kernels".to_string(), c.0, c.1));
-                }
-            };
-            let name = format!(
-                "{} in{} ks{} g{} varB{} varC{} z{} chunk{} tile{}",
-                spec.entry(),
-                spec.in_type,
-                spec.ks,
-                spec.g,
-                spec.var_b as u8,
-                spec.var_c as u8,
-                spec.has_z as u8,
-                spec.chunk(),
-                spec.tile()
-            );
-            if use_cache {
-                compile_cached(&prog, arch)?;
-                Ok((name, None, 0))
-            } else {
-                let c = compile::compile(&prog, arch)?;
-                let (regs, spill) = c.resources();
-                Ok((name, regs, spill))
-            }
-        })
-        .collect()
+/// What compiling one program reported: its label, registers per thread and spill bytes of its
+/// heaviest kernel (None / 0 when it came from the disk cache), and a digest of the cubin.
+pub struct CompileReport {
+    pub name: String,
+    pub registers: Option<u32>,
+    pub spill_bytes: u32,
+    pub digest: u64,
+}
+
+/// The labels of the programs [`compile_program`] takes (every specialisation of every
+/// kernel), in index order.
+pub fn program_names() -> Vec<String> {
+    Program::all().iter().map(Program::label).collect()
+}
+
+/// Compile program `index` of [`Program::all`] for `arch` (e.g. "sm_90"), through the disk cache
+/// with `use_cache` (the ahead-of-time warm-up), else afresh with ptxas' resource report (the CI
+/// compile check). Needs libnvrtc only, no GPU. Callers run several at once on their threads.
+pub fn compile_program(index: usize, arch: &str, use_cache: bool) -> Result<CompileReport> {
+    let all = Program::all();
+    let prog = all.get(index).ok_or_else(|| ScanError::Shape {
+        arg: "index".into(),
+        msg: format!(
+            "must be below the number of programs ({}); got {index}",
+            all.len()
+        ),
+    })?;
+    let (cubin, (registers, spill_bytes)) = if use_cache {
+        (compile_cached(prog, arch)?, (None, 0))
+    } else {
+        let c = compile::compile(prog, arch)?;
+        let r = c.resources();
+        (c.cubin, r)
+    };
+    Ok(CompileReport {
+        name: prog.label(),
+        registers,
+        spill_bytes,
+        digest: compile::fnv64(&[&cubin]),
+    })
 }
 
 #[cfg(test)]
