@@ -1,7 +1,7 @@
 #!/bin/bash
 # Per-instruction (SASS) warp-stall samples and executed instructions of the scan kernels at a
 # grid shape, as CSV from Nsight Compute's source page (aggregate with
-# benchmarks/stall_regions.py). Run after device_tune.sh has installed the wheel (PYTHONPATH).
+# benchmarks/stall_regions.py). Needs mamba_scan importable (installed, or on PYTHONPATH).
 #   bash benchmarks/profile_source.sh 0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for s in "$@"; do

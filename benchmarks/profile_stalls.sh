@@ -1,7 +1,7 @@
 #!/bin/bash
 # Nsight Compute detail for the scan kernels at grid shapes (indices into bench_cuda.GRID):
 # warp-stall reasons per issued instruction, pipe utilisation, shared-memory wavefronts and bank
-# conflicts, instruction mix. Run after device_tune.sh has installed the wheel (PYTHONPATH).
+# conflicts, instruction mix. Needs mamba_scan importable (installed, or on PYTHONPATH).
 #   KREGEX='^ssm_bwd' TAG=x bash benchmarks/profile_stalls.sh 0 7
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for s in "$@"; do

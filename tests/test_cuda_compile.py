@@ -2,6 +2,8 @@
 spills, and one source compiles to one cubin however often and under whatever load it is
 compiled. Needs libnvrtc only (torch's CUDA wheels bring it), no GPU: this runs in CI."""
 
+import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +11,7 @@ import pytest
 
 from mamba_scan import _native
 from mamba_scan._boundary import ensure_cuda_libs
-from mamba_scan._compile import compile_all
+from mamba_scan._compile import ProgressBar, compile_all
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,3 +57,29 @@ def test_one_source_one_cubin_under_load():
         digests.setdefault(name, set()).add(digest)
     varied = {name: len(d) for name, d in digests.items() if len(d) > 1}
     assert not varied, f"one source compiled to several cubins: {varied}"
+
+
+def test_first_cold_compile_is_logged_once_and_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MAMBA_SCAN_CACHE_DIR", str(tmp_path))
+    small = _native.cuda_program_names().index("small kernels")
+    with caplog.at_level(logging.DEBUG, logger="mamba_scan"):
+        first = _native.cuda_compile_program("sm_90", small, use_cache=True)
+        again = _native.cuda_compile_program("sm_90", small, use_cache=True)
+    cold = [r for r in caplog.records if "compiling CUDA kernel small kernels" in r.getMessage()]
+    # One cold compile, logged at INFO with the cache directory and the warmup hint (the first
+    # of this process) or at DEBUG; the second call is served by the disk cache, silently.
+    assert len(cold) == 1, [r.getMessage() for r in caplog.records]
+    if cold[0].levelno == logging.INFO:
+        assert str(tmp_path) in cold[0].getMessage() and "warmup" in cold[0].getMessage()
+    assert first[3] == again[3]
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_progress_bar_lines_without_a_terminal():
+    out = io.StringIO()
+    bar = ProgressBar("cache /x", stream=out)
+    for i in range(1, 21):
+        bar(i, 20)
+    lines = out.getvalue().splitlines()
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("[" + "#" * 30 + "] 20/20 kernels")
+    assert all("cache /x" in line for line in lines)

@@ -78,8 +78,13 @@ def ensure_cuda_libs() -> None:
             if found:
                 break
     # Without a copy in site-packages, the system loader path (a CUDA toolkit install).
-    if os.environ.get("MAMBA_SCAN_COMPILE_IN_PROCESS") != "1" and sys.executable:
-        _native.set_compile_worker(sys.executable, _native.__file__, found)
+    # The worker is this interpreter run again; an embedding host (uwsgi, a game engine) is not
+    # one to start with Python's flags, so there the compiles stay in-process.
+    exe = sys.executable or ""
+    if os.environ.get("MAMBA_SCAN_COMPILE_IN_PROCESS") != "1" and os.path.basename(exe).startswith(
+        "python"
+    ):
+        _native.set_compile_worker(exe, _native.__file__, found)
     _CUDA_LIBS_READY = True
 
 

@@ -207,7 +207,7 @@ fn gcd(a: i32, b: i32) -> i32 {
 /// Which layout family: the wide one (2 states per lane, twice the lanes per channel) wins when
 /// the deep one (4 per lane) leaves the H200 short of warps, and for fp32 inputs (the deep
 /// layout's fp32 tiles limit blocks per SM); measured on the H200 over the benchmark grid
-/// (benchmarks/results/NOTES.md). Only dstate <= 64 has a choice.
+/// (git history of benchmarks/results). Only dstate <= 64 has a choice.
 /// MAMBA_SCAN_CUDA_LAYOUT=deep|wide forces a family (tests, tuning).
 fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
     match std::env::var("MAMBA_SCAN_CUDA_LAYOUT").as_deref() {
