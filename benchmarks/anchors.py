@@ -28,7 +28,8 @@ FLAGS = [
 
 
 def _prebuilt(name):
-    """An extension built on an earlier device call and carried back in .anchor/prebuilt/."""
+    """An extension built earlier (on another run of the same machine type) and kept in
+    .anchor/prebuilt/: the anchors take minutes to build."""
     import importlib.machinery
     import importlib.util
 

@@ -39,7 +39,7 @@ def build_anchor(src: str):
     from anchors import _prebuilt
     from torch.utils.cpp_extension import load
 
-    pre = _prebuilt("selective_scan_cuda")  # carried back from an earlier device call
+    pre = _prebuilt("selective_scan_cuda")  # built by an earlier run, in .anchor/prebuilt/
     if pre is not None:
         return pre
 
