@@ -694,6 +694,12 @@ fn compile_worker_active() -> bool {
     cuda::compile::worker_active()
 }
 
+/// Why kernel compiles left the compile server for in-process NVRTC, if they did.
+#[pyfunction]
+fn compile_worker_error() -> Option<String> {
+    cuda::compile::worker_error()
+}
+
 /// The disk cache directory of compiled kernels (None: no cache; see MAMBA_SCAN_CACHE_DIR).
 #[pyfunction]
 fn cuda_cache_dir() -> Option<String> {
@@ -777,6 +783,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_compile_in_process, m)?)?;
     m.add_function(wrap_pyfunction!(set_compile_worker, m)?)?;
     m.add_function(wrap_pyfunction!(compile_worker_active, m)?)?;
+    m.add_function(wrap_pyfunction!(compile_worker_error, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile_program, m)?)?;
     let _ = cuda::compile::COLD_COMPILE_HOOK.set(log_cold_compile);
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;

@@ -422,9 +422,12 @@ pub fn compile(spec: &Program, arch: &str) -> Result<Compiled> {
                         log,
                     });
                 }
-                // The worker could not run here (no interpreter, a sandbox that refuses the
+                // The server could not run here (no interpreter, a sandbox that refuses the
                 // personality call or process creation): compile in this process from now on.
-                Err(_) => w.failed.store(true, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => {
+                    *w.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    w.failed.store(true, std::sync::atomic::Ordering::Relaxed)
+                }
             }
         }
     }
@@ -491,44 +494,129 @@ pub fn compile_source(src: &str, name: &str, opts: &[String]) -> Result<Compiled
 /// of one source and one set of options depends on the heap addresses of the compiling process
 /// (measured with NVRTC 13.0 and 13.2: 5 different PTX texts in 6 compiles of one backward
 /// specialisation in one process), and ptxas turns some of those texts into kernels that spill
-/// registers. In a fresh process with address-space randomisation off and a fixed environment,
-/// the allocations before the compile, and so the addresses, are the same every time: one
-/// source compiles to one cubin on a machine, whatever its load or the calling process did
-/// before. (`--Ofast-compile=min` also makes NVVM deterministic, but the kernels measured
-/// 15-23% slower on an H200.) So each compile runs in a short-lived worker: the Python
-/// interpreter, without site packages, loading this extension module by path.
+/// registers. In a process started the same way with address-space randomisation off, the
+/// allocations before the compile, and so the addresses, are the same every time: one source
+/// compiles to one cubin on a machine, whatever its load or the calling process did before.
+/// (`--Ofast-compile=min` also makes NVVM deterministic, but the kernels measured 15-23% slower
+/// on an H200.)
+///
+/// So the compiles run in compile servers: the Python interpreter, without site packages, with
+/// a fixed environment and randomisation off, loading this extension module by path. A server
+/// forks one child per request from the same state (it allocates nothing that outlives a
+/// request, and reads the child's reply into one buffer allocated at start), so every child
+/// starts from the same heap; a fork costs milliseconds where starting an interpreter costs
+/// ~0.15 s. One server per concurrently compiling thread, kept for the life of the process.
 struct Worker {
     python: std::path::PathBuf,
     module: std::path::PathBuf,
     nvrtc: Option<std::path::PathBuf>,
     failed: std::sync::atomic::AtomicBool,
+    /// Why the servers could not run (the compiles then run in-process).
+    error: std::sync::Mutex<Option<String>>,
+    /// Idle servers, and the process that started them (a forked copy of this process must
+    /// not talk to its parent's servers).
+    idle: std::sync::Mutex<(u32, Vec<Server>)>,
 }
 
 static WORKER: std::sync::OnceLock<Worker> = std::sync::OnceLock::new();
 
-/// The worker's program: load libnvrtc and this module by path, read one request (source, name,
-/// options) from stdin, compile in-process, write `log length, log, cubin length, cubin`
-/// (little-endian u64 lengths) to stdout; exit status 3 with the log when NVRTC fails.
-const WORKER_CODE: &str = r#"
-import ctypes, importlib.machinery as m, importlib.util as u, json, sys
-mod_path, nvrtc = sys.argv[1], sys.argv[2]
-if nvrtc:
-    ctypes.CDLL(nvrtc, mode=ctypes.RTLD_GLOBAL)
-loader = m.ExtensionFileLoader("mamba_scan._native", mod_path)
-mod = u.module_from_spec(u.spec_from_file_location("mamba_scan._native", mod_path, loader=loader))
-loader.exec_module(mod)
-req = json.loads(sys.stdin.buffer.read())
-out = sys.stdout.buffer
+/// The server's program. Start: load libnvrtc and this module by path, allocate the reply
+/// buffer, write `READY`. Then per request, `u64 length, JSON {source, name, options}` on
+/// stdin: fork; the child reads the JSON, compiles in-process and writes `u8 status (0 done,
+/// 3 NVRTC failed, 1 other error), u64 length, log, u64 length, cubin` to a pipe; the server
+/// reads that into its buffer and writes `u64 length, reply, i32 child's wait status` to
+/// stdout. End of stdin ends the server.
+const SERVER_CODE: &str = r#"
+import os, sys
+def send(b):
+    v = memoryview(b)
+    while v:
+        v = v[os.write(1, v):]
 try:
-    cubin, log = mod.nvrtc_compile_in_process(req["source"], req["name"], req["options"])
-except mod.CompileError as e:
-    log = str(e).encode()
-    out.write(len(log).to_bytes(8, "little") + log)
-    out.flush()
-    sys.exit(3)
-log = log.encode()
-out.write(len(log).to_bytes(8, "little") + log + len(cubin).to_bytes(8, "little") + cubin)
+    import ctypes, importlib.machinery as m, importlib.util as u, json, traceback
+    mod_path, nvrtc = sys.argv[1], sys.argv[2]
+    if nvrtc:
+        ctypes.CDLL(nvrtc, mode=ctypes.RTLD_GLOBAL)
+    loader = m.ExtensionFileLoader("mamba_scan._native", mod_path)
+    spec = u.spec_from_file_location("mamba_scan._native", mod_path, loader=loader)
+    mod = u.module_from_spec(spec)
+    loader.exec_module(mod)
+    CAP = 64 << 20
+    buf = bytearray(CAP)
+    view = memoryview(buf)
+except BaseException as e:
+    send(b"ERROR" + repr(e).encode())
+    sys.exit(1)
+send(b"READY")
+
+def read_exact(n):
+    b = b""
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            raise EOFError
+        b += c
+    return b
+
+def child(n, w):
+    status, log, cubin = 1, "", b""
+    try:
+        req = json.loads(read_exact(n))
+        try:
+            cubin, log = mod.nvrtc_compile_in_process(req["source"], req["name"], req["options"])
+            status = 0
+        except mod.CompileError as e:
+            status, log = 3, str(e)
+    except BaseException:
+        log = traceback.format_exc()
+    log = log.encode()
+    out = bytes([status]) + len(log).to_bytes(8, "little") + log
+    out += len(cubin).to_bytes(8, "little") + cubin
+    v = memoryview(out)
+    while v:
+        v = v[os.write(w, v):]
+
+while True:
+    try:
+        n = int.from_bytes(read_exact(8), "little")
+    except EOFError:
+        break
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            child(n, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = 0
+    while got < CAP:
+        k = os.readv(r, [view[got:]])
+        if k == 0:
+            break
+        got += k
+    os.close(r)
+    status = os.waitpid(pid, 0)[1]
+    send(got.to_bytes(8, "little"))
+    send(view[:got])
+    send(status.to_bytes(4, "little", signed=True))
 "#;
+
+/// One compile server: its process and the two pipe ends.
+struct Server {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::process::ChildStdout,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Its stdin closes with this value: an idle server then exits on its own; reap it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 enum WorkerResult {
     Done(Compiled),
@@ -536,8 +624,8 @@ enum WorkerResult {
 }
 
 impl Worker {
-    fn compile(&self, src: &str, name: &str, opts: &[String]) -> std::io::Result<WorkerResult> {
-        use std::io::{Read, Write};
+    fn spawn(&self) -> std::io::Result<Server> {
+        use std::io::Read;
         use std::os::unix::process::CommandExt;
         let nvrtc = self
             .nvrtc
@@ -545,14 +633,14 @@ impl Worker {
             .map(|p| p.as_os_str().to_owned())
             .unwrap_or_default();
         let mut cmd = std::process::Command::new(&self.python);
-        cmd.args(["-S", "-s", "-c", WORKER_CODE])
+        cmd.args(["-S", "-s", "-c", SERVER_CODE])
             .arg(&self.module)
             .arg(nvrtc)
             .env_clear()
             .env("PYTHONHASHSEED", "0")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+            .stderr(std::process::Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and makes one system call
         // (personality), which is async-signal-safe; it allocates nothing and takes no locks.
         unsafe {
@@ -567,6 +655,36 @@ impl Worker {
             });
         }
         let mut child = cmd.spawn()?;
+        let missing = || std::io::Error::other("a pipe is missing");
+        let stdin = child.stdin.take().ok_or_else(missing)?;
+        let stdout = child.stdout.take().ok_or_else(missing)?;
+        let mut server = Server {
+            child,
+            stdin,
+            stdout,
+        };
+        let mut hello = [0u8; 5];
+        let ok = server.stdout.read_exact(&mut hello).is_ok() && &hello == b"READY";
+        if !ok {
+            let mut rest = Vec::new();
+            let _ = server.stdout.read_to_end(&mut rest);
+            let said = String::from_utf8_lossy(&rest).into_owned();
+            return Err(std::io::Error::other(format!(
+                "the compile server did not start ({}): {}",
+                self.python.display(),
+                said.trim()
+            )));
+        }
+        Ok(server)
+    }
+
+    fn request(
+        server: &mut Server,
+        src: &str,
+        name: &str,
+        opts: &[String],
+    ) -> std::io::Result<WorkerResult> {
+        use std::io::{Read, Write};
         let req = format!(
             "{{\"source\": {}, \"name\": {}, \"options\": [{}]}}",
             json_str(src),
@@ -576,39 +694,72 @@ impl Worker {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let missing = || std::io::Error::other("compile worker: a pipe is missing");
-        let mut stdin = child.stdin.take().ok_or_else(missing)?;
-        // Written from a thread: the child's output pipe could fill before it reads all input.
-        let writer = std::thread::spawn(move || stdin.write_all(req.as_bytes()));
-        let mut out = Vec::new();
-        child
-            .stdout
-            .take()
-            .ok_or_else(missing)?
-            .read_to_end(&mut out)?;
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        let status = child.wait()?;
-        let _ = writer.join();
+        let mut msg = Vec::with_capacity(req.len() + 8);
+        msg.extend_from_slice(&(req.len() as u64).to_le_bytes());
+        msg.extend_from_slice(req.as_bytes());
+        // The request fits the pipe or the child reads it while we write: the server reads
+        // only the length, the child the rest, and the reply is read after the whole write.
+        server.stdin.write_all(&msg)?;
+        server.stdin.flush()?;
+        let mut len = [0u8; 8];
+        server.stdout.read_exact(&mut len)?;
+        let mut reply = vec![0u8; u64::from_le_bytes(len) as usize];
+        server.stdout.read_exact(&mut reply)?;
+        let mut st = [0u8; 4];
+        server.stdout.read_exact(&mut st)?;
+        let wait_status = i32::from_le_bytes(st);
         let bad = |what: &str| {
-            std::io::Error::other(format!("compile worker: {what} (status {status}): {err}"))
+            std::io::Error::other(format!(
+                "compile server: {what} (child wait status {wait_status})"
+            ))
         };
         let take = |buf: &[u8], at: usize| -> Option<(Vec<u8>, usize)> {
             let n = u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?) as usize;
             Some((buf.get(at + 8..at + 8 + n)?.to_vec(), at + 8 + n))
         };
-        let (log, at) = take(&out, 0).ok_or_else(|| bad("no output"))?;
+        let status = *reply.first().ok_or_else(|| bad("no reply"))?;
+        let (log, at) = take(&reply, 1).ok_or_else(|| bad("truncated log"))?;
         let log = String::from_utf8_lossy(&log).into_owned();
-        if status.code() == Some(3) {
-            return Ok(WorkerResult::CompileFailed(log));
+        let (cubin, _) = take(&reply, at).ok_or_else(|| bad("truncated reply"))?;
+        match status {
+            0 if wait_status == 0 => Ok(WorkerResult::Done(Compiled { cubin, log })),
+            3 => Ok(WorkerResult::CompileFailed(log)),
+            _ => Err(bad(&format!("failed: {}", log.trim()))),
         }
-        if !status.success() {
-            return Err(bad("failed"));
+    }
+
+    fn compile(&self, src: &str, name: &str, opts: &[String]) -> std::io::Result<WorkerResult> {
+        let pid = std::process::id();
+        let taken = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.0 != pid {
+                // A forked copy of the process that started these servers: leave them to it
+                // (forget, not drop: dropping would kill the parent's servers).
+                for s in std::mem::take(&mut idle.1) {
+                    std::mem::forget(s);
+                }
+                idle.0 = pid;
+            }
+            idle.1.pop()
+        };
+        let mut server = match taken {
+            Some(s) => s,
+            None => self.spawn()?,
+        };
+        // A server whose child died mid-reply (killed from outside) is replaced once.
+        let r = match Self::request(&mut server, src, name, opts) {
+            Ok(r) => r,
+            Err(_) => {
+                drop(server);
+                server = self.spawn()?;
+                Self::request(&mut server, src, name, opts)?
+            }
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.0 == pid {
+            idle.1.push(server);
         }
-        let (cubin, _) = take(&out, at).ok_or_else(|| bad("truncated output"))?;
-        Ok(WorkerResult::Done(Compiled { cubin, log }))
+        Ok(r)
     }
 }
 
@@ -646,6 +797,8 @@ pub fn set_worker(
             module,
             nvrtc,
             failed: std::sync::atomic::AtomicBool::new(false),
+            error: std::sync::Mutex::new(None),
+            idle: std::sync::Mutex::new((std::process::id(), Vec::new())),
         })
         .is_ok()
 }
@@ -655,6 +808,13 @@ pub fn worker_active() -> bool {
     WORKER
         .get()
         .is_some_and(|w| !w.failed.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Why compiles left the worker for this process, if they did.
+pub fn worker_error() -> Option<String> {
+    WORKER
+        .get()
+        .and_then(|w| w.error.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
 /// FNV-1a, 64 bit: stable across builds (std's hasher is not), enough for cache keys/checksums.
