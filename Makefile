@@ -29,7 +29,7 @@ run: build
 	$(PY) -m mamba_scan
 
 test-rust:
-	PYO3_PYTHON=$(abspath $(PY)) cargo test --release
+	PYO3_PYTHON=$(abspath $(PY)) cargo test
 
 test-py: build
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider . -o testpaths=.

@@ -182,6 +182,9 @@ pub struct KernelSpec {
 pub const LAYOUTS: [(u8, u8); 7] = [(4, 1), (4, 2), (4, 4), (4, 8), (4, 16), (4, 32), (8, 32)];
 pub const LAYOUTS_WIDE: [(u8, u8); 5] = [(2, 2), (2, 4), (2, 8), (2, 16), (2, 32)];
 
+/// The largest dstate of the wide family (2 states x 32 lanes): up to it a call has a choice.
+pub const WIDE_MAX: i32 = 64;
+
 /// The backward's deep family: 8 states per lane from dstate 33 on (half the lanes per channel
 /// of the forward's layout, so half the per-step reductions and shuffles per state, and twice
 /// the channels per block: half the dB / dC partials). Same states per chunk as the forward.
@@ -286,6 +289,11 @@ impl KernelSpec {
             for in_type in 0..3u8 {
                 let deep = if backward { LAYOUTS_BWD } else { LAYOUTS };
                 for (ks, g) in deep.into_iter().chain(LAYOUTS_WIDE) {
+                    // fp32 takes the wide family wherever it fits (src/cuda/mod.rs, use_wide):
+                    // its deep layouts up to the wide family's capacity are never selected.
+                    if in_type == 0 && ks != 2 && ks as i32 * g as i32 <= WIDE_MAX {
+                        continue;
+                    }
                     for var_b in [false, true] {
                         for var_c in [false, true] {
                             for has_z in [false, true] {

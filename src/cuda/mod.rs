@@ -208,8 +208,12 @@ fn gcd(a: i32, b: i32) -> i32 {
 /// the deep one (4 per lane) leaves the H200 short of warps, and for fp32 inputs (the deep
 /// layout's fp32 tiles limit blocks per SM); measured on the H200 over the benchmark grid
 /// (git history of benchmarks/results). Only dstate <= 64 has a choice.
-/// MAMBA_SCAN_CUDA_LAYOUT=deep|wide forces a family (tests, tuning).
+/// MAMBA_SCAN_CUDA_LAYOUT=deep|wide forces a family for 16-bit inputs (tests, tuning).
 fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
+    if in_type == 0 {
+        // fp32: its deep kernels where the wide family fits are not built (KernelSpec::all).
+        return true;
+    }
     match std::env::var("MAMBA_SCAN_CUDA_LAYOUT").as_deref() {
         Ok("deep") => return false,
         Ok("wide") => return true,
@@ -218,7 +222,7 @@ fn use_wide(p: &crate::params::SsmParams, in_type: u8, backward: bool) -> bool {
     let (_, g) = layout_for(p.dstate, false, false);
     let warps = p.batch as i64 * p.dim as i64 * g as i64 / 32;
     // Backward: wide measured 4.85 vs 5.43 ms at 640 deep warps ((1, 5120, 16, 16384), 2026-11-29).
-    in_type == 0 || warps < if backward { 700 } else { 1056 }
+    warps < if backward { 700 } else { 1056 }
 }
 
 /// A scan kernel loaded and allowed its shared memory for `threads`-thread blocks: (function,
