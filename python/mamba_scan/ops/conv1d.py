@@ -12,6 +12,7 @@ import torch
 from .. import _native
 from .._boundary import capsule, ensure_cuda_libs, new_empty, new_like, stream_of
 from .._native import DTypeError, ShapeError
+from .._ops import tracing
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 
@@ -25,13 +26,19 @@ def _ints(t, like):
     return t.reshape(-1).tolist()
 
 
-def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=False):
-    """The kernel's forward: (out, final_states or None). out keeps x's layout (channel-first or
-    channel-last), as causal-conv1d's does."""
+def _conv_forward_outputs(x, weight, return_final):
+    """The forward's outputs, allocated: out (x's layout), final states or None."""
     out = new_like(x)
     fin = None
     if return_final:
         fin = new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1), x.dtype, x.device)
+    return out, fin
+
+
+def _conv_forward_impl(x, weight, bias, seq_idx, initial_states, silu, return_final=False):
+    """The kernel's forward: (out, final_states or None). out keeps x's layout (channel-first or
+    channel-last), as causal-conv1d's does."""
+    out, fin = _conv_forward_outputs(x, weight, return_final)
     if x.is_cuda:
         ensure_cuda_libs()
     _native.conv1d_fwd(capsule(x), capsule(weight), capsule(bias), _ints(seq_idx, x),
@@ -40,10 +47,31 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=Fa
     return out, fin
 
 
-def conv_backward(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, dx=None,
-                  need_dinitial=True):  # fmt: skip
+def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=False):
+    """:func:`_conv_forward_impl`, through the custom op when traced."""
+    if tracing():
+        out, fin = torch.ops.mamba_scan.causal_conv1d_fwd(
+            x, weight, bias, seq_idx, initial_states, bool(return_final), bool(silu)
+        )
+        return out, (fin if return_final else None)
+    return _conv_forward_impl(x, weight, bias, seq_idx, initial_states, silu, return_final)
+
+
+def _conv_backward_outputs(x, weight, bias, initial_states, need_dinitial=True):
+    """The backward's gradients, allocated: (dx, dweight, dbias or None, dinitial or None)."""
+    dx = new_like(x)
+    dw = new_empty(weight.shape, weight.dtype, weight.device)
+    db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
+    h0 = initial_states
+    dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None and need_dinitial else None
+    return dx, dw, db, dh
+
+
+def _conv_backward_impl(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, dx=None,
+                        need_dinitial=True):  # fmt: skip
     """The kernel's backward: (dx, dweight, dbias, dinitial_states). ``dx`` may be given (a
     view into a larger gradient, e.g. mamba_inner_fn's dxz)."""
+    # As _conv_backward_outputs, but into the given dx where there is one.
     dx = new_like(x) if dx is None else dx
     dw = new_empty(weight.shape, weight.dtype, weight.device)
     db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
@@ -59,6 +87,22 @@ def conv_backward(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, 
                        capsule(h0), capsule(dout), capsule(dfinal), capsule(dx), capsule(dw),
                        capsule(db), capsule(dh), silu, capsule(ws), stream_of(x))  # fmt: skip
     return dx, dw, db, dh
+
+
+def conv_backward(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu, dx=None,
+                  need_dinitial=True):  # fmt: skip
+    """:func:`_conv_backward_impl`, through the custom op when traced (a given ``dx`` then
+    receives a copy of the op's fresh gradient)."""
+    if not tracing():
+        return _conv_backward_impl(x, weight, bias, seq_idx, initial_states, dout, dfinal, silu,
+                                   dx, need_dinitial)  # fmt: skip
+    gx, dw, db, dh = torch.ops.mamba_scan.causal_conv1d_bwd(
+        x, weight, bias, seq_idx, initial_states, dout, dfinal, bool(silu)
+    )
+    if dx is not None:
+        gx = dx.copy_(gx)
+    return (gx, dw, db if bias is not None else None,
+            dh if initial_states is not None and need_dinitial else None)  # fmt: skip
 
 
 def kernel_ok(x, weight):
@@ -117,6 +161,16 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         raise ValueError("seq_idx: cannot be combined with initial_states or return_final_states")
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
+    if kernel_ok(x, weight) and tracing():
+        out, fin = torch.ops.mamba_scan.causal_conv1d_fwd(
+            x, weight, bias, seq_idx, initial_states, bool(return_final_states),
+            activation is not None,
+        )  # fmt: skip
+        if not return_final_states:
+            return out
+        if final_states_out is not None:
+            final_states_out.copy_(fin)
+        return out, fin
     if kernel_ok(x, weight):
         return CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states,
                                     bool(return_final_states), final_states_out,
@@ -145,6 +199,18 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         )
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
+    if tracing():
+        return torch.ops.mamba_scan.causal_conv1d_update(
+            x, conv_state, weight, bias, activation is not None, cache_seqlens,
+            conv_state_indices,
+        )  # fmt: skip
+    return _conv_update_impl(x, conv_state, weight, bias, activation is not None, cache_seqlens,
+                             conv_state_indices)  # fmt: skip
+
+
+def _conv_update_impl(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
+    """The decoding update over checked arguments (the public function and the custom op)."""
+    activation = "silu" if silu else None
     x3 = x if x.dim() == 3 else x.unsqueeze(-1)
     cuda_ok = x.is_cuda and not any(
         t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)

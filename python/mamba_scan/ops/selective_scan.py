@@ -16,6 +16,7 @@ from .._boundary import (
     weight_dtype,
 )
 from .._native import DeviceError, DTypeError, ShapeError
+from .._ops import tracing
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -69,18 +70,39 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return u, delta, A, B, C, D, z, delta_bias, initial_state
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _forward_outputs(u, A, chunk=None):
+    """The forward's outputs, allocated: (out like ``u``, one fp32 state per chunk)."""
     batch, dim, seqlen = u.shape
-    chunk = chunk_size_for(u, A.shape[1])
-    n_chunks = max(1, -(-seqlen // chunk))
+    if chunk is None:
+        chunk = chunk_size_for(u, A.shape[1])
+    n_chunks = (seqlen + chunk - 1) // chunk
+    # A symbolic seqlen (torch.compile with dynamic shapes) takes sym_max; ints the builtin.
+    n_chunks = max(1, n_chunks) if type(n_chunks) is int else torch.sym_max(1, n_chunks)
     out = new_like(u)
     states = new_empty((batch, dim, n_chunks, A.shape[1]), weight_dtype(u), u.device)
+    return out, states
+
+
+def _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """The kernel's forward over prepared arguments: (out, states)."""
+    chunk = chunk_size_for(u, A.shape[1])
+    out, states = _forward_outputs(u, A, chunk)
     _native.scan_fwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(out),
         capsule(states), bool(delta_softplus), chunk, stream_of(u),
     )  # fmt: skip
     return out, states
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """:func:`_forward_impl`, through the custom op when traced (torch.compile, export)."""
+    if tracing():
+        out, states, _ = torch.ops.mamba_scan.selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), False
+        )
+        return out, states
+    return _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
 
 
 def _ngroups(X: torch.Tensor) -> int:
@@ -108,7 +130,8 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
             u, delta, A, B, C, D, z, delta_bias, initial_state
         )
-        out, states = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        out, states = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                    delta_softplus)  # fmt: skip
         ctx.delta_softplus = bool(delta_softplus)
         ctx.has_initial_state = initial_state is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
@@ -121,15 +144,24 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dout, *rest):
         u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
         dlast = rest[0] if rest else None
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward(
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward_impl(
             u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
             ctx.delta_softplus,
         )  # fmt: skip
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
-              delta_softplus, du=None, dz=None):  # fmt: skip
+def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """The backward's gradients, allocated (None for absent inputs)."""
+    du, ddelta, dA, dB, dC = (new_like(x) for x in (u, delta, A, B, C))
+    dD, dz, ddelta_bias, dh0 = (
+        new_like(x) if x is not None else None for x in (D, z, delta_bias, initial_state)
+    )
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
+
+
+def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
+                   delta_softplus, du=None, dz=None):  # fmt: skip
     """The fused backward (recomputes each chunk from its saved state): (du, ddelta, dA, dB, dC,
     dD, dz, ddelta_bias, dinitial_state), None for absent inputs. ``du`` / ``dz`` may be given
     (views into a larger gradient)."""
@@ -138,6 +170,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, 
     dout = last_contiguous(dout)
     if dlast is not None:
         dlast = dlast.contiguous()
+    # As _backward_outputs, but into the given du / dz where there are.
     du = new_like(u) if du is None else du
     ddelta, dA, dB, dC = (new_like(x) for x in (delta, A, B, C))
     dD, ddelta_bias, dh0 = (
@@ -154,6 +187,27 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, 
         workspace=capsule(_workspace(u, A, B, C)),
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
+              delta_softplus, du=None, dz=None):  # fmt: skip
+    """:func:`_backward_impl`, through the custom op when traced (the given ``du`` / ``dz``
+    then receive copies of the op's fresh gradients)."""
+    if not tracing():
+        return _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout,
+                              dlast, delta_softplus, du, dz)  # fmt: skip
+    g = list(torch.ops.mamba_scan.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
+        bool(delta_softplus),
+    ))  # fmt: skip
+    for i, x in ((5, D), (6, z), (7, delta_bias), (8, initial_state)):
+        if x is None:
+            g[i] = None
+    if du is not None:
+        g[0] = du.copy_(g[0])
+    if dz is not None and z is not None:
+        g[6] = dz.copy_(g[6])
+    return tuple(g)
 
 
 def _numpy_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
@@ -218,6 +272,12 @@ def selective_scan_fn(
 
     numpy arrays (CPU, forward only) are accepted too and give numpy results.
     """
+    if tracing():
+        out, _, last = torch.ops.mamba_scan.selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+            bool(return_last_state),
+        )  # fmt: skip
+        return (out, last) if return_last_state else out
     if not isinstance(u, torch.Tensor) and hasattr(u, "__array_interface__"):
         return _numpy_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
@@ -230,7 +290,8 @@ def selective_scan_fn(
         u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
             u, delta, A, B, C, D, z, delta_bias, initial_state
         )
-        out, states = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        out, states = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                    delta_softplus)  # fmt: skip
         if return_last_state:
             return out, states[:, :, -1].clone()
         return out

@@ -7,6 +7,7 @@ import torch
 from .. import _native
 from .._boundary import capsule, ensure_cuda_libs, new_empty, require_tensor, stream_of
 from .._native import DeviceError, DTypeError, ShapeError
+from .._ops import tracing
 from ..reference import _heads, selective_state_update_ref
 
 _NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
@@ -23,7 +24,19 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     device (no host synchronisation, CUDA-graph capturable) and is not checked by the host: a
     negative entry is padding (state untouched, output 0), an entry past the state's batch gives
     a NaN output and touches nothing, and two entries naming one state row are the caller's
-    error (the CPU path refuses them)."""
+    error (the CPU path refuses them). Under torch.compile / export this is the custom op
+    ``mamba_scan::selective_state_update`` (mutates ``state``)."""
+    if tracing():
+        return torch.ops.mamba_scan.selective_state_update(
+            state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), state_batch_indices
+        )
+    return _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                              state_batch_indices)  # fmt: skip
+
+
+def _state_update_impl(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                       dt_softplus=False, state_batch_indices=None):  # fmt: skip
+    """The decoding step's implementation (the public function and the custom op call it)."""
     args = (state, x, dt, A, B, C, D, z, dt_bias)
     for name, t in zip(_NAMES, args):
         require_tensor(t, name, optional=name in ("D", "z", "dt_bias"))
