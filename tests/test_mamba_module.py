@@ -105,7 +105,9 @@ def test_mamba_inner_fn_rms_weights_and_fixed_bc():
     assert out2.shape == (2, L, 8)
 
 
-@pytest.mark.parametrize("variant", ["var", "fixed_bc", "proj_bias", "no_d_bias"])
+@pytest.mark.parametrize(
+    "variant", ["var", "fixed_bc", "fixed_b", "fixed_c", "fixed_b_wide", "proj_bias", "no_d_bias"]
+)
 @pytest.mark.parametrize("lvl", [0, 1])
 def test_mamba_inner_fn_fused_matches_reference_float64(variant, lvl):
     """The fused autograd Function (CPU kernels, recompute at checkpoint_lvl=1) against the
@@ -121,6 +123,14 @@ def test_mamba_inner_fn_fused_matches_reference_float64(variant, lvl):
     )  # fmt: skip
     if variant == "fixed_bc":
         args.update(B=f(d, n), C=f(d, n))
+    # One of B / C fixed: x_proj gives dt_rank + d_state columns, the variable one the last
+    # d_state (mamba_ssm's x_dbl[:, -d_state:] for C, x_dbl[:, dt_rank:dt_rank + d_state] for
+    # B); "wide": x_proj still gives both, the fixed one's columns are unused (zero gradient).
+    if variant in ("fixed_b", "fixed_c"):
+        args.update(x_proj_weight=f(r + n, d) * 0.3)
+        args.update({variant[-1].upper(): f(d, n)})
+    if variant == "fixed_b_wide":
+        args.update(B=f(d, n))
     if variant == "proj_bias":
         args.update(B_proj_bias=f(n) * 0.1, C_proj_bias=f(n) * 0.1)
     if variant == "no_d_bias":

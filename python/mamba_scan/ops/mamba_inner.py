@@ -50,7 +50,9 @@ class MambaInnerFn(torch.autograd.Function):
                 B = B + B_proj_bias.to(B.dtype)
             B = B.view(batch, L, n).transpose(1, 2).contiguous()
         if var_c:
-            C = x_dbl[:, r + n :]
+            # mamba_ssm's columns: variable B right after dt_rank, variable C the last d_state
+            # (with B fixed, x_dbl is (b l, dt_rank + d_state) and C starts at dt_rank).
+            C = x_dbl[:, -n:]
             if C_proj_bias is not None:
                 C = C + C_proj_bias.to(C.dtype)
             C = C.view(batch, L, n).transpose(1, 2).contiguous()
@@ -107,20 +109,18 @@ class MambaInnerFn(torch.autograd.Function):
         ddelta_proj_weight = (ddelta2 @ x_dbl[:, :r]).to(delta_proj_weight.dtype)
         dx_dbl[:, :r] = (ddelta2.t() @ delta_proj_weight.to(ddelta2.dtype)).to(dx_dbl.dtype)
         dB_proj_bias = dC_proj_bias = None
+        if not (ctx.var_b and ctx.var_c and x_dbl.shape[1] == r + 2 * n):
+            dx_dbl[:, r:] = 0  # columns that feed neither B nor C get no gradient
         if ctx.var_b:
             dB2 = dB.transpose(1, 2).reshape(batch * L, n)
             dx_dbl[:, r : r + n] = dB2
             dB = None
             dB_proj_bias = _bias_grad(dB2, ctx.b_bias_dtype)
-        else:
-            dx_dbl[:, r : r + n] = 0
         if ctx.var_c:
             dC2 = dC.transpose(1, 2).reshape(batch * L, n)
-            dx_dbl[:, r + n :] = dC2
+            dx_dbl[:, -n:] = dC2
             dC = None
             dC_proj_bias = _bias_grad(dC2, ctx.c_bias_dtype)
-        else:
-            dx_dbl[:, r + n :] = 0
         u2 = u.transpose(1, 2).reshape(batch * L, d)
         dx_proj_weight = dx_dbl.t() @ u2
         # dconv = du + W_x^T dx_dbl^T, accumulated into du's (d, b l) storage.
