@@ -260,7 +260,8 @@ __device__ __forceinline__ void conv_fwd_impl(const ConvParams& p) {
         for (int k = 0; k < kW; ++k)
             if (tap_ok<kW, kN>(p, sw, o, k)) acc += w[k] * xw[o + k];
         if (p.silu) acc *= sigmoid_f(acc);
-        y[o] = acc;
+        // A negative seq_idx is padding (causal-conv1d's convention): 0 out, no bias.
+        y[o] = (p.seq_idx.ptr && sw[o + kW - 1] < 0) ? 0.f : acc;
     }
     st_seg<kT>(p.out, oo, c.t0, p.seqlen, y);
     if (p.final_states.ptr) {
@@ -310,7 +311,8 @@ __device__ __forceinline__ void conv_bwd_impl(const ConvParams& p) {
         for (int o = 0; o < kG; ++o) {
             const int u = c.t0 + o;
             float gv = 0.f;
-            if (u < L) {
+            // Padding outputs (negative seq_idx) are the constant 0: no gradient from them.
+            if (u < L && !(p.seq_idx.ptr && sw[o + kW - 1] < 0)) {
                 gv = (gvec && o < kSeg) ? g[o] : ldx<kT>(p.dout, go + (long long)u * p.dout.stride[2]);
                 if (p.silu) {
                     float pre = bias;

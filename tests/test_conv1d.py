@@ -28,7 +28,10 @@ def naive(x, w, b=None, h0=None, seq_idx=None, act=None):
                 v = torch.where(ok.unsqueeze(1), v, torch.zeros_like(v))
             acc = acc + v
         out[:, :, t] = acc
-    return torch.nn.functional.silu(out) if act else out
+    out = torch.nn.functional.silu(out) if act else out
+    if seq_idx is not None:  # padding (negative index): 0, as causal-conv1d
+        out = torch.where((seq_idx < 0).unsqueeze(1).to(out.device), 0.0, out)
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,6 +61,31 @@ def test_seq_idx_keeps_sequences_apart():
     torch.testing.assert_close(
         out.double(), naive(x, w, seq_idx=seq_idx, act="silu"), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_seq_idx_padding_is_zero_and_a_boundary(device, act):
+    # causal-conv1d's convention: seq_idx -1 on padded steps (here at the end of a row and
+    # between two sequences); their output is 0 (not the convolution of the padding, not the
+    # bias) and they separate the sequences around them.
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(2, 4, 12, generator=g), torch.randn(4, 4, generator=g), torch.randn(4)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3, [0] * 3 + [-1] * 2 + [1] * 7])
+    out = causal_conv1d_fn(x.to(device), w.to(device), b.to(device),
+                           seq_idx=seq_idx.to(device, torch.int32), activation=act)  # fmt: skip
+    want = naive(x, w, b, seq_idx=seq_idx, act=act)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert (out.cpu()[0, :, 9:] == 0).all() and (out.cpu()[1, :, 3:5] == 0).all()
+    # Gradients: those of the function computed (padding outputs are constants).
+    xs = [t.to(device).requires_grad_() for t in (x, w, b)]
+    got = torch.autograd.grad(
+        causal_conv1d_fn(*xs, seq_idx=seq_idx.to(device), activation=act).square().sum(), xs
+    )
+    xr = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = torch.autograd.grad(naive(*xr, seq_idx=seq_idx, act=act).square().sum(), xr)
+    for a_, r_ in zip(got, ref):
+        torch.testing.assert_close(a_.double().cpu(), r_, rtol=1e-4, atol=1e-4)
 
 
 def test_gradcheck():

@@ -180,7 +180,7 @@ def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None,
 
     x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) ints
     (a tap reads x[t - k] only when seq_idx[t - k] == seq_idx[t]: packed sequences do not
-    see each other); initial_states: (batch, dim, width - 1), the inputs before step 0;
+    see each other; a negative index marks padding, whose output is 0); initial_states: (batch, dim, width - 1), the inputs before step 0;
     final_states_out: (batch, dim, width - 1), written with the last width - 1 inputs;
     activation: None, "silu" or "swish". Arithmetic in weight's dtype; out in x's dtype.
     """
@@ -213,7 +213,10 @@ def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None,
             final_states_out.copy_(final)
         else:
             final_states_out = final
-    out = (out if activation is None else F.silu(out)).to(dtype_in)
+    out = out if activation is None else F.silu(out)
+    if seq_idx is not None:
+        out = torch.where((seq_idx < 0).unsqueeze(1), 0, out)  # padding: 0 out
+    out = out.to(dtype_in)
     return (out, final_states_out) if return_final_states else out
 
 

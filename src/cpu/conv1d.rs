@@ -3,7 +3,8 @@
 //! inputs) and taps k = 0..W:
 //!   pre[t] = bias + sum_k w[k] xp[t + k],  out = pre or silu(pre).
 //! With `seq_idx`, tap k reads x[t - (W - 1 - k)] only when that step has the same sequence
-//! index as t (packed sequences stay apart). Arithmetic in f32 (f64 for f64 tensors); any
+//! index as t (packed sequences stay apart); a step with a negative index is padding: its output
+//! is 0 (no bias) and no gradient flows from it. Arithmetic in f32 (f64 for f64 tensors); any
 //! strides. Work is split over channels and each channel loops over the batch, so the weight and
 //! bias gradients are summed in a fixed order: deterministic, no atomics.
 
@@ -175,12 +176,23 @@ fn pre_row<R: Real>(a: &ConvArgs, bi: i64, l: i64, xp: &[R], wk: &[R], bias: R, 
         return;
     }
     for t in 0..l {
+        if padding(a, bi, l, t) {
+            y[t as usize] = R::ZERO; // padding: 0 out (silu(0) = 0), no bias
+            continue;
+        }
         for k in 0..w {
             if tap_ok(a, bi, l, t, t - (w - 1 - k)) {
                 y[t as usize] = y[t as usize] + wk[k as usize] * xp[(t + k) as usize];
             }
         }
     }
+}
+
+/// Whether step t of row bi is padding (a negative seq_idx, causal-conv1d's convention): its
+/// output is 0 and it separates the sequences around it.
+#[inline(always)]
+fn padding(a: &ConvArgs, bi: i64, l: i64, t: i64) -> bool {
+    a.seq_idx.is_some_and(|s| s[(bi * l + t) as usize] < 0)
 }
 
 #[inline(always)]
@@ -357,6 +369,12 @@ unsafe fn bwd_t<R: Real + Send + Sync>(
                         for (gv, &p) in gp.iter_mut().zip(pre.iter()) {
                             let s = super::sigmoid(p);
                             *gv = *gv * s * (R::ONE + p * (R::ONE - s));
+                        }
+                    }
+                    // Padding outputs are the constant 0: no gradient flows from them.
+                    for t in 0..l {
+                        if padding(a, bi, l, t) {
+                            gp[t as usize] = R::ZERO;
                         }
                     }
                     dxp.clear();
