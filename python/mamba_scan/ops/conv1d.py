@@ -57,9 +57,10 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu, return_final=Fa
     return _conv_forward_impl(x, weight, bias, seq_idx, initial_states, silu, return_final)
 
 
-def _conv_backward_outputs(x, weight, bias, initial_states, need_dinitial=True):
-    """The backward's gradients, allocated: (dx, dweight, dbias or None, dinitial or None)."""
-    dx = new_like(x)
+def _conv_backward_outputs(x, weight, bias, initial_states, need_dinitial=True, dx=None):
+    """The backward's gradients, allocated: (dx, dweight, dbias or None, dinitial or None); a
+    given ``dx`` (a view into a larger gradient) is used as is."""
+    dx = new_like(x) if dx is None else dx
     dw = new_empty(weight.shape, weight.dtype, weight.device)
     db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
     h0 = initial_states
@@ -71,12 +72,8 @@ def _conv_backward_impl(x, weight, bias, seq_idx, initial_states, dout, dfinal, 
                         need_dinitial=True):  # fmt: skip
     """The kernel's backward: (dx, dweight, dbias, dinitial_states). ``dx`` may be given (a
     view into a larger gradient, e.g. mamba_inner_fn's dxz)."""
-    # As _conv_backward_outputs, but into the given dx where there is one.
-    dx = new_like(x) if dx is None else dx
-    dw = new_empty(weight.shape, weight.dtype, weight.device)
-    db = new_empty(bias.shape, bias.dtype, bias.device) if bias is not None else None
+    dx, dw, db, dh = _conv_backward_outputs(x, weight, bias, initial_states, need_dinitial, dx)
     h0 = initial_states
-    dh = new_empty(h0.shape, h0.dtype, h0.device) if h0 is not None and need_dinitial else None
     ws = None
     if x.is_cuda:
         ws = torch.empty(_native.cuda_conv1d_workspace_size(capsule(x), weight.shape[1]),
@@ -161,22 +158,20 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         raise ValueError("seq_idx: cannot be combined with initial_states or return_final_states")
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError("activation must be None, silu, or swish")
-    if kernel_ok(x, weight) and tracing():
-        out, fin = torch.ops.mamba_scan.causal_conv1d_fwd(
-            x, weight, bias, seq_idx, initial_states, bool(return_final_states),
-            activation is not None,
-        )  # fmt: skip
+    if not kernel_ok(x, weight):
+        return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states,
+                                 final_states_out, activation)  # fmt: skip
+    if tracing():
+        out, fin = conv_forward(x, weight, bias, seq_idx, initial_states, activation is not None,
+                                bool(return_final_states))  # fmt: skip
         if not return_final_states:
             return out
         if final_states_out is not None:
             final_states_out.copy_(fin)
         return out, fin
-    if kernel_ok(x, weight):
-        return CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states,
-                                    bool(return_final_states), final_states_out,
-                                    activation is not None)  # fmt: skip
-    return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states,
-                             final_states_out, activation)  # fmt: skip
+    return CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states,
+                                bool(return_final_states), final_states_out,
+                                activation is not None)  # fmt: skip
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,

@@ -151,12 +151,18 @@ class SelectiveScanFn(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
 
 
-def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """The backward's gradients, allocated (None for absent inputs)."""
-    du, ddelta, dA, dB, dC = (new_like(x) for x in (u, delta, A, B, C))
-    dD, dz, ddelta_bias, dh0 = (
-        new_like(x) if x is not None else None for x in (D, z, delta_bias, initial_state)
+def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, du=None, dz=None):
+    """The backward's gradients, allocated (None for absent inputs); a given ``du`` / ``dz``
+    (a view into a larger gradient) is used as is."""
+    du = new_like(u) if du is None else du
+    ddelta, dA, dB, dC = (new_like(x) for x in (delta, A, B, C))
+    dD, ddelta_bias, dh0 = (
+        new_like(x) if x is not None else None for x in (D, delta_bias, initial_state)
     )
+    if z is None:
+        dz = None
+    elif dz is None:
+        dz = new_like(z)
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
 
@@ -170,14 +176,9 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
     dout = last_contiguous(dout)
     if dlast is not None:
         dlast = dlast.contiguous()
-    # As _backward_outputs, but into the given du / dz where there are.
-    du = new_like(u) if du is None else du
-    ddelta, dA, dB, dC = (new_like(x) for x in (delta, A, B, C))
-    dD, ddelta_bias, dh0 = (
-        new_like(x) if x is not None else None for x in (D, delta_bias, initial_state)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward_outputs(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, du, dz
     )
-    if z is not None and dz is None:
-        dz = new_like(z)
     _native.scan_bwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
