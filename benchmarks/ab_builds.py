@@ -31,6 +31,8 @@ SHAPES = [
     ("fixed B", "bf16", (4, 2048, 16, 2048), False, True, True),
     ("fixed B dstate 64", "bf16", (4, 2048, 64, 2048), False, True, True),
     ("fixed B C", "fp16", (4, 2048, 16, 2048), False, False, False),
+    ("fixed B fp32", "fp32", (4, 2048, 16, 2048), False, True, True),
+    ("fixed C dstate 128", "bf16", (4, 2048, 128, 2048), True, False, True),
     ("dstate 4", "bf16", (8, 1536, 4, 2048), True, True, True),
 ]
 
@@ -75,9 +77,9 @@ print(json.dumps(out))
 """
 
 
-def run(where: str) -> dict:
+def run(where: str, shapes: list) -> dict:
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, where, json.dumps(SHAPES)],
+        [sys.executable, "-c", CHILD, where, json.dumps(shapes)],
         check=True,
         capture_output=True,
         text=True,
@@ -91,11 +93,18 @@ def main() -> int:
     ap.add_argument("--b", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--match",
+        default="",
+        help="only shapes whose label contains one of these (comma-separated)",
+    )
     args = ap.parse_args()
+    keys = [k for k in args.match.split(",") if k]
+    shapes = [s for s in SHAPES if not keys or any(k in s[0] for k in keys)]
     res: dict[str, list[dict]] = {"a": [], "b": []}
     for _ in range(args.rounds):
-        res["a"].append(run(os.path.abspath(args.a)))
-        res["b"].append(run(os.path.abspath(args.b)))
+        res["a"].append(run(os.path.abspath(args.a), shapes))
+        res["b"].append(run(os.path.abspath(args.b), shapes))
     import torch
 
     lines = [
@@ -109,7 +118,7 @@ def main() -> int:
         "fwd+bwd a ms | fwd+bwd b ms | b / a |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, dtype, shape, vb, vc, hz in SHAPES:
+    for label, dtype, shape, vb, vc, hz in shapes:
         cols = []
         for k in (0, 1):
             a = statistics.median(r[label][k] for r in res["a"])

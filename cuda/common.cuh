@@ -285,6 +285,24 @@ __device__ __forceinline__ void fetch_vec(typename InType<kT>::t* dst, const typ
     fetch_vec_s<kT>(dst, smem_u32(dst), src, valid);
 }
 
+// Specialised or generic scan kernels. Specialised (kGeneric 0): kVarB, kVarC and kHasZ are
+// the call's flags at compile time. Generic (kGeneric 1, compiled with all three set): the
+// shared-memory carve-up has room for the B, C and z tiles, and the call's flags decide at run
+// time what is loaded, read and written (VAR_B, VAR_C, HAS_Z in the kernels; they expect the
+// launch parameters in scope as `p`). Calls with a fixed B or C take the generic build.
+#ifndef kGeneric
+#define kGeneric 0
+#endif
+#if kGeneric
+#define VAR_B (p.is_variable_b != 0)
+#define VAR_C (p.is_variable_c != 0)
+#define HAS_Z (p.has_z != 0)
+#else
+#define VAR_B kVarB
+#define VAR_C kVarC
+#define HAS_Z kHasZ
+#endif
+
 // Variable B / C of one step in shared memory. Unpacked: fp32 [t][n] tiles, one per matrix.
 // Packed (16-bit inputs, both B and C variable, more than 16 states per channel; kPackBC): the
 // raw 16-bit values, per step and lane group j, B of the group's KS states then C of them

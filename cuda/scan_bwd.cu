@@ -79,12 +79,11 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
 }
 
 // Three blocks per SM (<= 168 registers) where that compiles without spills and shared memory
-// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 32 per channel
-// with variable B and C. With a fixed B or C each lane also holds its channel's B or C: those
-// kernels sit at the 168-register ceiling, where one (fp32, fixed B, 2 lanes per channel, no z)
-// spilled 16 bytes with NVRTC 13.0 on sm_90; they are rare (S4D-style layers), so they take
-// the registers of fewer resident blocks.
-#define kMinBlocks (kKS < 4 || (kKS * kG <= 32 && kTile <= 32 && kVarB && kVarC) ? 3 : 1)
+// allows it: the wide family, and 32-step tiles of 4 states per lane and up to 32 per channel,
+// of the specialised kernels. The generic build (fixed B or C: each lane also holds its
+// channel's B or C, and the run-time flags add registers) takes the registers of fewer
+// resident blocks.
+#define kMinBlocks (!kGeneric && (kKS < 4 || (kKS * kG <= 32 && kTile <= 32 && kVarB && kVarC)) ? 3 : 1)
 
 // Threads per block at most: 256 for 8 states per lane (kBwdWideThreads; src/cuda/mod.rs,
 // max_threads), else 128.
@@ -102,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     typedef Stage<kInType, kTile> St;
     // Packed B / C beyond 16 states per channel (measured on the H200: backward -13% at dstate
     // 64, -9% at 128; at dstate 16 the widening costs more than the reads it saves).
-    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
+    constexpr bool kPack = !kGeneric && kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
     constexpr int MC = 32 / kG;  // channels per warp
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
@@ -127,7 +126,20 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     float* s_part = kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0);  // part_at()
     float* s_scr = s_part + ((kVarB || kVarC) ? nwarps * 2 * (kPT ? kFl * (NP + 4) : NP * TSP) : 0);  // per-warp dB / dC
     // Raw (input dtype) tiles, filled by cp.async one chunk ahead.
-    in_t* r_u = (in_t*)(s_scr + (((kVarB || kVarC) && MC > 1 && !kShfl) ? nwarps * kUB * MC * 2 * NP : 0));
+    // Generic build: the fixed B and C rows of the block's channels ([channel][B | C][n]), read
+    // per step like the variable tiles instead of held in registers.
+    float* s_fix = s_scr + (((kVarB || kVarC) && MC > 1 && !kShfl) ? nwarps * kUB * MC * 2 * NP : 0);
+    float* s_fB = s_fix + c * 2 * NP + j * kKS;
+    float* s_fC = s_fB + NP;
+    in_t* r_u = (in_t*)(s_fix + (kGeneric ? rows * 2 * NP : 0));
+#if kGeneric
+    // Fixed B / C as tiles of step stride 0 (the rows above): one vector read per step either
+    // way, no per-state select in the scan.
+    const float* pB = VAR_B ? s_B + j * kKS : s_fB;
+    const float* pC = VAR_C ? s_C + j * kKS : s_fC;
+    const int sB = VAR_B ? NP : 0, sC = VAR_C ? NP : 0;
+#endif
+
     in_t* r_dl = r_u + rows * RT;
     in_t* r_do = r_dl + rows * RT;
     in_t* r_z = r_do + rows * RT;
@@ -159,8 +171,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         const int n = j * kKS + s;
         const bool ok = live && n < N;
         A2[s] = ok ? ((const float*)p.a_ptr)[d * p.a_d_stride + n * p.a_dstate_stride] * LOG2E_F : 0.f;
-        Bf[s] = (!kVarB && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
-        Cf[s] = (!kVarC && ok) ? ((const float*)p.c_ptr)[d * p.c_group_stride + n * p.c_dstate_stride] : 0.f;
+        Bf[s] = (!VAR_B && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
+        Cf[s] = (!VAR_C && ok) ? ((const float*)p.c_ptr)[d * p.c_group_stride + n * p.c_dstate_stride] : 0.f;
+        if (kGeneric) {
+            // Each lane reads back only what it wrote: no barrier needed.
+            s_fB[s] = Bf[s];
+            s_fC[s] = Cf[s];
+        }
         g[s] = (p.has_dlast_state && ok) ? ((const float*)p.dlast_state_ptr)[((long long)b * p.dim + d) * N + n] : 0.f;
         dA[s] = dBf[s] = dCf[s] = 0.f;
     }
@@ -169,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     float* ws = (float*)p.workspace_ptr;
     const long long tiles = p.dim / kch;
     float* ws_dB = ws + ws_chan_size(p);
-    float* ws_dC = ws_dB + (kVarB ? ws_part_size(p, kch) : 0);
+    float* ws_dC = ws_dB + (VAR_B ? ws_part_size(p, kch) : 0);
 
     // Tiles run last to first. Iteration n_tiles only starts the copies of the last tile;
     // each tile starts those of the one before it as soon as its own inputs are converted.
@@ -191,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     ld4_aligned<kInType>(r_u + cc * RT + e, uu + k);
                     ld4_aligned<kInType>(r_dl + cc * RT + e, dt + k);
                     ld4_aligned<kInType>(r_do + cc * RT + e, gg + k);
-                    if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
+                    if (HAS_Z) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
                 const float bias = s_bias[cc];
 #pragma unroll
@@ -209,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     *reinterpret_cast<float4*>(&s_dt[o]) = f4(dt[k], dt[k + 1], dt[k + 2], dt[k + 3]);
                     *reinterpret_cast<float4*>(&s_u[o]) = f4(uu[k], uu[k + 1], uu[k + 2], uu[k + 3]);
                     *reinterpret_cast<float4*>(&s_dy[o]) = f4(gg[k], gg[k + 1], gg[k + 2], gg[k + 3]);
-                    if (kHasZ) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
+                    if (HAS_Z) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
                 }
             }
             if (kVarB || kVarC) {
@@ -221,12 +238,12 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_C + n * RT + t), n, t, 1);
                         continue;
                     }
-                    if (kVarB) {
+                    if (VAR_B) {
                         ld_vec_aligned<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
-                    if (kVarC) {
+                    if (VAR_C) {
                         ld_vec_aligned<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
@@ -250,14 +267,14 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 fetch_vec_s<kInType>(r_u + o, so, u + dd * p.u_d_stride + pt0 + t, valid);
                 fetch_vec_s<kInType>(r_dl + o, so + rs, delta + dd * p.delta_d_stride + pt0 + t, valid);
                 fetch_vec_s<kInType>(r_do + o, so + 2 * rs, dout + dd * p.dout_d_stride + pt0 + t, valid);
-                if (kHasZ) fetch_vec_s<kInType>(r_z + o, so + 3 * rs, z + dd * p.z_d_stride + pt0 + t, valid);
+                if (HAS_Z) fetch_vec_s<kInType>(r_z + o, so + 3 * rs, z + dd * p.z_d_stride + pt0 + t, valid);
             }
             if (kVarB || kVarC) {
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
                     const int n = i / (T / VEC), t = (i - n * (T / VEC)) * VEC;
                     const int valid = n < N ? plen - t : 0;
-                    if (kVarB) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + pt0 + t, valid);
-                    if (kVarC) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + pt0 + t, valid);
+                    if (VAR_B) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + pt0 + t, valid);
+                    if (VAR_C) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + pt0 + t, valid);
                 }
             }
         }
@@ -312,9 +329,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         const float dt = f4_at(dt4, k), dtu = dt * f4_at(u4, k);
                         float bb[kKS];
                         if constexpr (kPack) ld_b_packed<kInType, kKS>(s_BC + ((t + k) * (NP / kKS) + j) * 2 * kKS, bb);
-                        else if (kVarB) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
+#if kGeneric
+                        else ld_states<kKS>(pB + (t + k) * sB, bb);
+#else
+                        else if (VAR_B) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
+#endif
 #pragma unroll
-                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * (kVarB ? bb[s] : Bf[s]));
+                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * (VAR_B || kGeneric ? bb[s] : Bf[s]));
                     }
                 }
 #pragma unroll
@@ -355,13 +376,18 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     if constexpr (kPack) {
                         ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
                     } else {
-                        if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
-                        if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#if kGeneric
+                        ld_states<kKS>(pB + t * sB, bb);
+                        ld_states<kKS>(pC + t * sC, cv);
+#else
+                        if (VAR_B) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                        if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#endif
                     }
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
-                        const float B_ = kVarB ? bb[s] : Bf[s];
-                        const float C_ = kVarC ? cv[s] : Cf[s];
+                        const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
+                        const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
                         const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
                         hs[i][s] = fmaf(ex2(dt * A2[s]), hp, dtu * B_);
                         acc = fmaf(C_, hs[i][s], acc);
@@ -377,7 +403,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         const int idx = c * TP + ts + ui * kUB + R::blk(j) * R::R + r;
                         const float uu = s_u[idx];
                         float dy = s_dy[idx];
-                        if (kHasZ) {
+                        if (HAS_Z) {
                             const float zz = s_z[idx];
                             const float sz = sigmoid_f(zz);
                             const float o = fmaf(Dv, uu, pacc[r]);
@@ -411,13 +437,18 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     if constexpr (kPack) {
                         ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
                     } else {
-                        if (kVarB) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
-                        if (kVarC) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#if kGeneric
+                        ld_states<kKS>(pB + t * sB, bb);
+                        ld_states<kKS>(pC + t * sC, cv);
+#else
+                        if (VAR_B) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                        if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#endif
                     }
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
-                        const float B_ = kVarB ? bb[s] : Bf[s];
-                        const float C_ = kVarC ? cv[s] : Cf[s];
+                        const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
+                        const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
                         const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
                         const float a = ex2(dt * A2[s]);
                         const float gl = fmaf(C_, dy, g[s]);
@@ -428,8 +459,8 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         sdu = fmaf(gl, B_, sdu);
                         vbc[s] = gl * dtu;
                         vbc[kKS + s] = dy * hs[i][s];
-                        if (!kVarB) dBf[s] += vbc[s];
-                        if (!kVarC) dCf[s] += vbc[kKS + s];
+                        if (!VAR_B) dBf[s] += vbc[s];
+                        if (!VAR_C) dCf[s] += vbc[kKS + s];
                         g[s] = ga;
                     }
                     if (kVarB || kVarC) {
@@ -537,14 +568,14 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                             float v = 0.f;
 #pragma unroll
                             for (int w = 0; w < kMaxThreads / 32; ++w) v += s_part[part_at(w, which, n, ii)];
-                            if (n < N && t < len && (which ? kVarC : kVarB))
+                            if (n < N && t < len && (which ? VAR_C : VAR_B))
                                 (which ? ws_dC : ws_dB)[(row0 + n) * L + t0 + t] = v;
                         }
                     } else {
                         for (int m = threadIdx.x; m < OUT; m += blockDim.x) {
                             const int ii = m % kFl, n = (m / kFl) % NP, which = m / (kFl * NP);
                             const int t = ts + ui * kUB + ii;
-                            if (n >= N || t >= len || (which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                            if (n >= N || t >= len || (which == 0 && !VAR_B) || (which == 1 && !VAR_C)) continue;
                             float v = 0.f;
                             for (int w = 0; w < nwarps; ++w) v += s_part[part_at(w, which, n, ii)];
                             float* dst = which == 0 ? ws_dB : ws_dC;
@@ -569,7 +600,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 const int e = St::pos(t, k), a = cc * TP + e;
                 st4<kInType>(du + dd * p.du_d_stride + t0 + e, len - e, &s_u[a]);
                 st4<kInType>(ddelta + dd * p.ddelta_d_stride + t0 + e, len - e, &s_dt[a]);
-                if (kHasZ) st4<kInType>(dz + dd * p.dz_d_stride + t0 + e, len - e, &s_z[a]);
+                if (HAS_Z) st4<kInType>(dz + dd * p.dz_d_stride + t0 + e, len - e, &s_z[a]);
             }
         }
     }
@@ -610,8 +641,8 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
     // Variable dB / dC in items of 4 steps: float4 partial reads where rows are 16-byte aligned.
     const long long L4 = (L + 3) / 4;
     const bool vec = L % 4 == 0;
-    const long long qb = kVarB ? (long long)p.batch * p.b_ngroups * N * L4 : 0;
-    const long long qc = kVarC ? (long long)p.batch * p.c_ngroups * N * L4 : 0;
+    const long long qb = VAR_B ? (long long)p.batch * p.b_ngroups * N * L4 : 0;
+    const long long qc = VAR_C ? (long long)p.batch * p.c_ngroups * N * L4 : 0;
     const long long total = n_small + qb + qc;
     const long long tiles = dim / kch;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
@@ -622,9 +653,9 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
             if (k < N) {
                 ((float*)p.da_ptr)[(long long)dd * N + k] = v;
             } else if (k < 2 * N) {
-                if (!kVarB) ((float*)p.db_ptr)[dd * p.db_group_stride + (k - N) * p.db_dstate_stride] = v;
+                if (!VAR_B) ((float*)p.db_ptr)[dd * p.db_group_stride + (k - N) * p.db_dstate_stride] = v;
             } else if (k < 3 * N) {
-                if (!kVarC) ((float*)p.dc_ptr)[dd * p.dc_group_stride + (k - 2 * N) * p.dc_dstate_stride] = v;
+                if (!VAR_C) ((float*)p.dc_ptr)[dd * p.dc_group_stride + (k - 2 * N) * p.dc_dstate_stride] = v;
             } else if (k == 3 * N) {
                 if (p.has_d) ((float*)p.dd_ptr)[dd] = v;
             } else {
@@ -642,7 +673,7 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
         const int n = (int)(row % N);
         const int gg = (int)((row / N) % ng);
         const int bb = (int)(row / ((long long)N * ng));
-        const float* part = ws + ws_chan_size(p) + (isb ? 0 : (kVarB ? ws_part_size(p, kch) : 0));
+        const float* part = ws + ws_chan_size(p) + (isb ? 0 : (VAR_B ? ws_part_size(p, kch) : 0));
         const long long tiles_per_group = tiles / ng;
         const long long stride = (long long)N * L;  // between two channel tiles
         const float* src = part + (((long long)bb * tiles + gg * tiles_per_group) * N + n) * L + t;

@@ -18,7 +18,8 @@
 // the sequence run with dt = 0, which leaves h unchanged.
 //
 // Compile-time: kInType (0 f32, 1 f16, 2 bf16), kKS, kG (dstate <= kG kKS), kTile (steps per
-// tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ; tuning constants
+// tile), kChunk (steps per saved state, dividing kTile), kVarB, kVarC, kHasZ, kGeneric (run-time
+// B / C / z flags, cuda/common.cuh); tuning constants
 // with defaults (kFwdU, kPackBC) can be set through MAMBA_SCAN_CUDA_DEFINES. Run-time argument
 // kch: channels per block (blockDim = max(32, kch kG); lanes past kch channels compute on zeros
 // and write nothing).
@@ -38,7 +39,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     typedef Stage<kInType, kTile> St;
     // Packed B / C beyond 16 states per channel (measured on the H200: backward -13% at dstate
     // 64, -9% at 128; at dstate 16 the widening costs more than the reads it saves).
-    constexpr bool kPack = kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
+    constexpr bool kPack = !kGeneric && kPackBC && kInType != 0 && kVarB && kVarC && NP > 16;
     extern __shared__ float smem[];
     const int rows = blockDim.x / kG;
     const int c = threadIdx.x / kG, j = threadIdx.x % kG;
@@ -56,7 +57,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     float* s_C = s_B + (kVarB ? T * NP : 0);
     u16* s_BC = (u16*)s_B;  // the packed tile (kPack), in place of s_B and s_C
     // Raw (input dtype) tiles, filled by cp.async one tile ahead.
-    in_t* r_u = (in_t*)(kPack ? s_B + T * NP : s_C + (kVarC ? T * NP : 0));
+    // Generic build: the fixed B and C rows of the block's channels ([channel][B | C][n]).
+    float* s_fix = s_C + (kVarC ? T * NP : 0);
+    float* s_fB = s_fix + c * 2 * NP + j * kKS;
+    float* s_fC = s_fB + NP;
+    in_t* r_u = (in_t*)(kPack ? s_B + T * NP : s_fix + (kGeneric ? rows * 2 * NP : 0));
+#if kGeneric
+    // Fixed B / C as tiles of step stride 0 (the rows above): one vector read per step either
+    // way, no per-state select in the scan.
+    const float* pB = VAR_B ? s_B + j * kKS : s_fB;
+    const float* pC = VAR_C ? s_C + j * kKS : s_fC;
+    const int sB = VAR_B ? NP : 0, sC = VAR_C ? NP : 0;
+#endif
+
     in_t* r_dl = r_u + rows * RT;
     in_t* r_z = r_dl + rows * RT;
     in_t* r_B = r_z + (kHasZ ? rows * RT : 0);
@@ -84,8 +97,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
         const bool ok = live && n < N;
         // Multiply A by log2(e) once so the decay is a single ex2 per state and step.
         A2[s] = ok ? ((const float*)p.a_ptr)[d * p.a_d_stride + n * p.a_dstate_stride] * LOG2E_F : 0.f;
-        Bf[s] = (!kVarB && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
-        Cf[s] = (!kVarC && ok) ? ((const float*)p.c_ptr)[d * p.c_group_stride + n * p.c_dstate_stride] : 0.f;
+        Bf[s] = (!VAR_B && ok) ? ((const float*)p.b_ptr)[d * p.b_group_stride + n * p.b_dstate_stride] : 0.f;
+        Cf[s] = (!VAR_C && ok) ? ((const float*)p.c_ptr)[d * p.c_group_stride + n * p.c_dstate_stride] : 0.f;
+        if (kGeneric) {
+            // Each lane reads back only what it wrote: no barrier needed.
+            s_fB[s] = Bf[s];
+            s_fC[s] = Cf[s];
+        }
         h[s] = (p.has_initial_state && ok)
                    ? ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n]
                    : 0.f;
@@ -110,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             const long long dd = d0 + (cc < kch ? cc : 0);
             fu[f] = u + dd * p.u_d_stride + t;
             fdl[f] = delta + dd * p.delta_d_stride + t;
-            fz[f] = kHasZ ? z + dd * p.z_d_stride + t : nullptr;
+            fz[f] = HAS_Z ? z + dd * p.z_d_stride + t : nullptr;
             fo[f] = cc * RT + t;
             ft[f] = cc < kch ? t : T;  // rows past kch channels: valid <= 0, zeros
         }
@@ -135,7 +153,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     const int e = St::pos(t, k);
                     ld4_aligned<kInType>(r_u + cc * RT + e, uu + k);
                     ld4_aligned<kInType>(r_dl + cc * RT + e, dt + k);
-                    if (kHasZ) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
+                    if (HAS_Z) ld4_aligned<kInType>(r_z + cc * RT + e, zz + k);
                 }
                 const float bias = s_bias[cc];
 #pragma unroll
@@ -154,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     *reinterpret_cast<float4*>(&s_dtu[o]) =
                         f4(dt[k] * uu[k], dt[k + 1] * uu[k + 1], dt[k + 2] * uu[k + 2], dt[k + 3] * uu[k + 3]);
                     *reinterpret_cast<float4*>(&s_u[o]) = f4(uu[k], uu[k + 1], uu[k + 2], uu[k + 3]);
-                    if (kHasZ) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
+                    if (HAS_Z) *reinterpret_cast<float4*>(&s_z[o]) = f4(zz[k], zz[k + 1], zz[k + 2], zz[k + 3]);
                 }
             }
             if (kVarB || kVarC) {
@@ -167,12 +185,12 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                         st_packed<kKS, NP, VEC>(s_BC, (const u16*)(r_C + n * RT + t), n, t, 1);
                         continue;
                     }
-                    if (kVarB) {
+                    if (VAR_B) {
                         ld_vec_aligned<kInType>(r_B + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_B[(t + k) * NP + n] = v[k];
                     }
-                    if (kVarC) {
+                    if (VAR_C) {
                         ld_vec_aligned<kInType>(r_C + n * RT + t, v);
 #pragma unroll
                         for (int k = 0; k < VEC; ++k) s_C[(t + k) * NP + n] = v[k];
@@ -192,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     const int valid = nlen - ft[f];  // <= 0 past the last channel: zeros
                     fetch_vec_s<kInType>(r_u + fo[f], fs + fo[f] * (int)sizeof(in_t), fu[f] + nt0, valid);
                     fetch_vec_s<kInType>(r_dl + fo[f], fs + (rows * RT + fo[f]) * (int)sizeof(in_t), fdl[f] + nt0, valid);
-                    if (kHasZ)
+                    if (HAS_Z)
                         fetch_vec_s<kInType>(r_z + fo[f], fs + (2 * rows * RT + fo[f]) * (int)sizeof(in_t), fz[f] + nt0, valid);
                 }
             } else {
@@ -203,15 +221,15 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                     const long long dd = d0 + cc;
                     fetch_vec<kInType>(r_u + cc * RT + t, u + dd * p.u_d_stride + nt0 + t, valid);
                     fetch_vec<kInType>(r_dl + cc * RT + t, delta + dd * p.delta_d_stride + nt0 + t, valid);
-                    if (kHasZ) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
+                    if (HAS_Z) fetch_vec<kInType>(r_z + cc * RT + t, z + dd * p.z_d_stride + nt0 + t, valid);
                 }
             }
             if (kVarB || kVarC) {
                 for (int i = threadIdx.x; i < NP * (T / VEC); i += blockDim.x) {
                     const int n = i / (T / VEC), t = (i - n * (T / VEC)) * VEC;
                     const int valid = n < N ? nlen - t : 0;
-                    if (kVarB) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + nt0 + t, valid);
-                    if (kVarC) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + nt0 + t, valid);
+                    if (VAR_B) fetch_vec<kInType>(r_B + n * RT + t, Bv + (long long)n * p.b_dstate_stride + nt0 + t, valid);
+                    if (VAR_C) fetch_vec<kInType>(r_C + n * RT + t, Cv + (long long)n * p.c_dstate_stride + nt0 + t, valid);
                 }
             }
         }
@@ -242,14 +260,19 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                         if constexpr (kPack) {
                             ld_bc_packed<kInType, kKS>(s_BC + ((t + q + k) * (NP / kKS) + j) * 2 * kKS, bb, cv);
                         } else {
-                            if (kVarB) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
-                            if (kVarC) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+#if kGeneric
+                            ld_states<kKS>(pB + (t + q + k) * sB, bb);
+                            ld_states<kKS>(pC + (t + q + k) * sC, cv);
+#else
+                            if (VAR_B) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
+                            if (VAR_C) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+#endif
                         }
                         float acc = 0.f;
 #pragma unroll
                         for (int s = 0; s < kKS; ++s) {
-                            const float B_ = kVarB ? bb[s] : Bf[s];
-                            const float C_ = kVarC ? cv[s] : Cf[s];
+                            const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
+                            const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
                             h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
                             acc = fmaf(C_, h[s], acc);
                         }
@@ -303,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                 const float4 y4 = *reinterpret_cast<const float4*>(&s_dt[a]);
                 const float4 u4 = *reinterpret_cast<const float4*>(&s_u[a]);
                 float o[4] = {fmaf(Dc, u4.x, y4.x), fmaf(Dc, u4.y, y4.y), fmaf(Dc, u4.z, y4.z), fmaf(Dc, u4.w, y4.w)};
-                if (kHasZ) {
+                if (HAS_Z) {
                     const float4 z4 = *reinterpret_cast<const float4*>(&s_z[a]);
                     o[0] *= z4.x * sigmoid_f(z4.x);
                     o[1] *= z4.y * sigmoid_f(z4.y);

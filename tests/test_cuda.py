@@ -142,6 +142,23 @@ def test_every_layout_cuda(dstate, dtype, layout, tile, monkeypatch):
     check_parity(inp, label=f"cuda {dtype} N={dstate}")
 
 
+@cuda
+@pytest.mark.parametrize("has_z", [False, True])
+@pytest.mark.parametrize(
+    "b_mode,c_mode", [("fixed", "var"), ("var", "fixed"), ("fixed", "fixed"), ("fixed", "g2")]
+)
+@pytest.mark.parametrize("dstate", [3, 8, 16, 24, 33, 64, 128, 200, 256])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fixed_bc_every_layout_cuda(dstate, dtype, b_mode, c_mode, has_z):
+    """A fixed B or C takes the generic kernels (run-time B / C / z flags; compile-time ones at
+    8 states per lane in the backward): every layout, with and without z, output, last_state
+    and every gradient. 64 channels: more blocks of channels than the variable-B/C layout of
+    the dstate has, so the backward's workspace must be sized for the layout actually taken."""
+    inp = make_inputs(dim=64, seqlen=100, dstate=dstate, dtype=DTYPES[dtype], device="cuda",
+                      b_mode=b_mode, c_mode=c_mode, has_z=has_z, has_h0=True, seed=dstate)  # fmt: skip
+    check_parity(inp, label=f"cuda {dtype} N={dstate} B={b_mode} C={c_mode} z={has_z}")
+
+
 def test_chunk_size_rule():
     assert _native.cuda_chunk_size(16) == 32
     assert _native.cuda_chunk_size(1) == 32

@@ -95,14 +95,19 @@ impl Program {
     pub fn label(&self) -> String {
         match self {
             Program::Scan(s) => format!(
-                "{} in{} ks{} g{} varB{} varC{} z{} chunk{} tile{}",
+                "{} in{} ks{} g{} {} chunk{} tile{}",
                 s.entry(),
                 s.in_type,
                 s.ks,
                 s.g,
-                s.var_b as u8,
-                s.var_c as u8,
-                s.has_z as u8,
+                if s.generic {
+                    "generic".to_string()
+                } else {
+                    format!(
+                        "varB{} varC{} z{}",
+                        s.var_b as u8, s.var_c as u8, s.has_z as u8
+                    )
+                },
                 s.chunk(),
                 s.tile()
             ),
@@ -172,6 +177,11 @@ pub struct KernelSpec {
     /// Where `has_long_tile`: stage 64-step tiles (two saved-state intervals) instead of one;
     /// fewer tile phases and barriers, more shared memory per block (fewer resident blocks).
     pub long_tile: bool,
+    /// The generic build: `var_b`, `var_c` and `has_z` are all set (the shared-memory carve-up
+    /// has room for B, C and z tiles) and the call's flags decide at run time what is read and
+    /// written. Calls with a fixed B or C (S4D-style layers, `mamba_inner_fn` with a given B or
+    /// C) take it: one kernel per layout instead of six specialisations of every layout and tile.
+    pub generic: bool,
 }
 
 /// (states per lane, lanes per channel) for each dstate class, smallest first. The deep family
@@ -223,6 +233,21 @@ impl KernelSpec {
         var_c: bool,
         has_z: bool,
     ) -> Self {
+        if !(var_b && var_c) {
+            let generic = Self::generic(backward, in_type, dstate);
+            if !(backward && generic.ks == 8) {
+                return generic;
+            }
+            // The backward at 8 states per lane (dstate > 128) spills with run-time flags: its
+            // fixed-B / C calls keep compile-time specialisations.
+            return KernelSpec {
+                var_b,
+                var_c,
+                has_z,
+                generic: false,
+                ..generic
+            };
+        }
         let (ks, g) = layout_for(dstate, wide, backward);
         KernelSpec {
             backward,
@@ -233,12 +258,34 @@ impl KernelSpec {
             var_c,
             has_z,
             long_tile: false,
+            generic: false,
+        }
+    }
+    /// The generic kernel of a dstate, for both directions the forward's layouts: the deep
+    /// family (4 states per lane up to dstate 128) for 16-bit inputs, the wide one where it fits
+    /// for fp32; 32-step tiles (16 past dstate 128), no 64-step ones.
+    pub fn generic(backward: bool, in_type: u8, dstate: i32) -> Self {
+        let (ks, g) = layout_for(dstate, in_type == 0, false);
+        KernelSpec {
+            backward,
+            in_type,
+            ks,
+            g,
+            var_b: true,
+            var_c: true,
+            has_z: true,
+            long_tile: false,
+            generic: true,
         }
     }
     /// Whether a layout also comes with 64-step tiles: those whose chunk is 32 (in the backward,
     /// of up to 4 states per lane).
     pub fn has_long_tile(ks: u8, g: u8, backward: bool) -> bool {
         chunk_for_layout(ks, g) == 32 && (!backward || ks <= 4)
+    }
+    /// Whether this specialisation also comes with 64-step tiles (the generic build has none).
+    pub fn with_long_tile(&self) -> bool {
+        !self.generic && Self::has_long_tile(self.ks, self.g, self.backward)
     }
     pub fn entry(&self) -> &'static str {
         if self.backward { "ssm_bwd" } else { "ssm_fwd" }
@@ -271,6 +318,7 @@ impl KernelSpec {
             format!("-DkVarB={}", self.var_b as i32),
             format!("-DkVarC={}", self.var_c as i32),
             format!("-DkHasZ={}", self.has_z as i32),
+            format!("-DkGeneric={}", self.generic as i32),
         ];
         v.extend(tuning_defines().iter().cloned());
         v
@@ -294,25 +342,39 @@ impl KernelSpec {
                     if in_type == 0 && ks != 2 && ks as i32 * g as i32 <= WIDE_MAX {
                         continue;
                     }
-                    for var_b in [false, true] {
-                        for var_c in [false, true] {
-                            for has_z in [false, true] {
-                                let spec = KernelSpec {
-                                    backward,
-                                    in_type,
-                                    ks,
-                                    g,
-                                    var_b,
-                                    var_c,
-                                    has_z,
-                                    long_tile: false,
-                                };
-                                v.push(spec);
-                                if Self::has_long_tile(ks, g, backward) {
-                                    v.push(KernelSpec {
-                                        long_tile: true,
-                                        ..spec
-                                    });
+                    // Variable B and C (every Mamba layer): specialised, with and without z.
+                    for has_z in [false, true] {
+                        let spec = KernelSpec {
+                            backward,
+                            in_type,
+                            ks,
+                            g,
+                            var_b: true,
+                            var_c: true,
+                            has_z,
+                            long_tile: false,
+                            generic: false,
+                        };
+                        v.push(spec);
+                        if spec.with_long_tile() {
+                            v.push(KernelSpec {
+                                long_tile: true,
+                                ..spec
+                            });
+                        }
+                    }
+                }
+                // A fixed B or C: what KernelSpec::new picks for each dstate class.
+                for (ks, g) in LAYOUTS {
+                    let dstate = ks as i32 * g as i32;
+                    for (var_b, var_c) in [(false, false), (false, true), (true, false)] {
+                        for has_z in [false, true] {
+                            for wide in [false, true] {
+                                let spec = KernelSpec::new(
+                                    backward, in_type, dstate, wide, var_b, var_c, has_z,
+                                );
+                                if !v.contains(&spec) {
+                                    v.push(spec);
                                 }
                             }
                         }
@@ -928,6 +990,40 @@ mod tests {
             eprintln!("{:?}", c.resources());
             assert_eq!(c.resources().1, 0, "{}", c.log);
         }
+    }
+
+    /// Every specialisation a call can pick (and its 64-step twin) is among the programs that
+    /// the warm-up and the compile check build; and every program is one a call can pick.
+    #[test]
+    fn every_pickable_spec_is_built() {
+        let all = KernelSpec::all();
+        let mut picked = std::collections::HashSet::new();
+        for backward in [false, true] {
+            for in_type in 0..3u8 {
+                for dstate in 1..=256 {
+                    for wide in [false, true] {
+                        // As src/cuda/mod.rs (use_wide): fp32 always asks for the wide family.
+                        let wide = wide || in_type == 0;
+                        for bits in 0..8 {
+                            let (vb, vc, z) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+                            let s = KernelSpec::new(backward, in_type, dstate, wide, vb, vc, z);
+                            assert!(all.contains(&s), "{s:?} is not built");
+                            picked.insert(s);
+                            if s.with_long_tile() {
+                                let long = KernelSpec {
+                                    long_tile: true,
+                                    ..s
+                                };
+                                assert!(all.contains(&long), "{long:?} is not built");
+                                picked.insert(long);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(picked.len(), all.len(), "programs no call picks");
+        assert!(all.iter().all(|s| !s.generic || !s.long_tile));
     }
 
     #[test]

@@ -272,7 +272,7 @@ fn choose_tile(
     threads: u32,
     blocks: i64,
 ) -> Result<KernelSpec> {
-    if !KernelSpec::has_long_tile(spec.ks, spec.g, spec.backward) {
+    if !spec.with_long_tile() {
         return Ok(spec);
     }
     let long = KernelSpec {
@@ -330,9 +330,15 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
     let nvar = spec.var_b as u32 + spec.var_c as u32;
     let z = spec.has_z as u32;
     // fp32 B / C tiles, or one tile of packed 16-bit B and C (kPackBC in cuda/common.cuh).
-    let packed =
-        spec.var_b && spec.var_c && spec.in_type != 0 && np > 16 && tuned_define("kPackBC", 1) != 0;
+    let packed = !spec.generic
+        && spec.var_b
+        && spec.var_c
+        && spec.in_type != 0
+        && np > 16
+        && tuned_define("kPackBC", 1) != 0;
     let bc = if packed { t * np } else { nvar * t * np };
+    // The generic build's fixed B and C rows of the block's channels (s_fix in both kernels).
+    let fixed = if spec.generic { rows * 2 * np } else { 0 };
     let (floats, raw_rows) = if spec.backward {
         let mc = 32 / spec.g as u32;
         let part = if nvar > 0 {
@@ -354,9 +360,9 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        ((3 + z) * rows * tp + bc + part + rows, 3 + z)
+        ((3 + z) * rows * tp + bc + part + fixed + rows, 3 + z)
     } else {
-        ((3 + z) * rows * tp + bc + rows, 2 + z)
+        ((3 + z) * rows * tp + bc + fixed + rows, 2 + z)
     };
     floats * 4 + (raw_rows * rows + nvar * np) * rt * esz
 }
@@ -393,11 +399,21 @@ pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
     // Padded to 16 bytes, as ws_chan_size in cuda/scan_bwd.cu (float4 reads of the partials).
     let chan = (b * p.dim as i64 * (3 * n + 2) + 3) & !3;
-    let tiles = [false, true]
+    // Every layout a call of these flags may take (either family; the generic build's layout
+    // depends on the dtype class too).
+    let tiles = [(0u8, false), (0, true), (1, false), (1, true)]
         .into_iter()
-        .map(|wide| {
-            let (ks, g) = layout_for(p.dstate, wide, true);
-            (p.dim / channels_per_block(p, ks, g, true).max(1)) as i64
+        .map(|(in_type, wide)| {
+            let spec = KernelSpec::new(
+                true,
+                in_type,
+                p.dstate,
+                wide,
+                p.is_variable_b != 0,
+                p.is_variable_c != 0,
+                p.has_z != 0,
+            );
+            (p.dim / channels_per_block(p, spec.ks, spec.g, true).max(1)) as i64
         })
         .max()
         .unwrap_or(1);
