@@ -1,8 +1,9 @@
 // Backward selective scan, and the deterministic second-stage reduction.
 //
 // Same work layout as the forward (kG lanes per channel, lane j the states j kKS + s; a block
-// owns `kch` channels of one batch row). Tiles of kTile steps (one or two of the forward's
-// kChunk-step intervals between saved states) are walked in reverse; per tile the block stages
+// owns `kch` channels of one batch row). Tiles of kTile steps (the runtime builds one of the
+// forward's kChunk-step intervals between saved states; the code also takes two) are walked in
+// reverse; per tile the block stages
 // u, x = delta + bias, dt, dt u, dout and z with 16-byte loads, and the B / C tiles. Then, per
 // lane:
 //   1. from the tile's saved start state, a forward pass keeps the state at the start of each

@@ -1,5 +1,5 @@
 //! The Python module `mamba_scan._native`. Only conversion lives here: capsules become checked
-//! views (dlpack.rs, check.rs), the kernels (cpu/, cuda/) run with the GIL released, and
+//! views (dlpack.rs, ops/), the kernels (cpu/, cuda/) run with the GIL released, and
 //! `ScanError`s become typed Python exceptions.
 
 // Kernel code style, on purpose: lane loops index fixed-size arrays by a counter (that is what
@@ -15,16 +15,16 @@
     clippy::too_many_arguments
 )]
 
-pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod dlpack;
 pub mod error;
+pub mod ops;
 pub mod params;
 
-use check::{BwdArgs, FwdArgs, FwdOut, Plan};
 use dlpack::{Device, TensorView};
 use error::ScanError;
+use ops::scan::{BwdArgs, FwdArgs, FwdOut, Plan};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -213,7 +213,7 @@ fn scan_fwd(
     let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
     let (out, states) = (view(out, "out")?, view(states, "states")?);
     let args = inputs.args(delta_softplus, chunk_size);
-    let plan = check::plan_forward(
+    let plan = ops::scan::plan_forward(
         &args,
         Some(&FwdOut {
             out: &out,
@@ -293,7 +293,7 @@ fn scan_bwd(
         dinitial_state: dh0.as_ref(),
         workspace: ws.as_ref(),
     };
-    let plan = check::plan_backward(&args, &grads)?;
+    let plan = ops::scan::plan_backward(&args, &grads)?;
     if let (dlpack::Device::Cuda(_), Some(w)) = (plan.device, ws.as_ref()) {
         let need = cuda::bwd_workspace_elems(&plan.params);
         if w.numel() < need {
@@ -337,7 +337,7 @@ fn is_cuda(t: &TensorView) -> bool {
 }
 
 /// One decoding step, `selective_state_update`: updates `state` in place and writes `out`.
-/// Tensors are DLPack capsules with the heads axis present (see cpu::state_update);
+/// Tensors are DLPack capsules with the heads axis present (see ops::state_update);
 /// `state_batch_indices`: a list of ints (CPU) or an int tensor's capsule (CUDA), negative for
 /// padding rows; `stream`: the CUDA stream to launch on.
 #[pyfunction]
@@ -375,7 +375,7 @@ fn state_update(
     );
     let cuda = is_cuda(&views[0]);
     let (host_ix, dev_ix) = index_arg(state_batch_indices, "state_batch_indices", cuda)?;
-    let args = cpu::state_update::UpdateArgs {
+    let args = ops::state_update::UpdateArgs {
         state: &views[0],
         x: &views[1],
         dt: &views[2],
@@ -391,9 +391,9 @@ fn state_update(
         dt_softplus,
     };
     if cuda {
-        return run_detached(py, move || cuda::small::state_update(&args, stream));
+        return run_detached(py, move || cuda::state_update::state_update(&args, stream));
     }
-    cpu::state_update::check(&args, dlpack::Device::Cpu)?;
+    ops::state_update::check(&args, dlpack::Device::Cpu)?;
     run_detached(py, move || {
         // SAFETY: checked above; the shim holds the tensors for the call and gives a fresh `out`.
         unsafe { cpu::state_update::run(&args) };
@@ -408,8 +408,8 @@ fn conv_args<'a>(
     seq_idx: &'a Option<Vec<i64>>,
     initial: &'a Option<TensorView>,
     silu: bool,
-) -> cpu::conv1d::ConvArgs<'a> {
-    cpu::conv1d::ConvArgs {
+) -> ops::conv1d::ConvArgs<'a> {
+    ops::conv1d::ConvArgs {
         x,
         weight,
         bias: bias.as_ref(),
@@ -450,7 +450,7 @@ fn conv1d_fwd(
     let a = conv_args(&xv, &wv, &bv, &seq, &hv, silu);
     if cuda {
         return run_detached(py, move || {
-            cuda::small::conv_forward(&a, seq_dev.as_ref(), &ov, fv.as_ref(), stream)
+            cuda::conv1d::conv_forward(&a, seq_dev.as_ref(), &ov, fv.as_ref(), stream)
         });
     }
     // SAFETY: `forward` checks the arguments; the shim holds the tensors for the call and
@@ -497,7 +497,7 @@ fn conv1d_bwd(
     let (seq, seq_dev) = index_arg(seq_idx, "seq_idx", cuda)?;
     let wsv = opt_view(workspace, "workspace")?;
     let a = conv_args(&xv, &wv, &bv, &seq, &hv, silu);
-    let g = cpu::conv1d::ConvGrads {
+    let g = ops::conv1d::ConvGrads {
         dout: &gov,
         dfinal: gfv.as_ref(),
         dx: &dxv,
@@ -511,7 +511,7 @@ fn conv1d_bwd(
             msg: "required by the CUDA backward".into(),
         })?;
         return run_detached(py, move || {
-            cuda::small::conv_backward(&a, seq_dev.as_ref(), &g, &ws, stream)
+            cuda::conv1d::conv_backward(&a, seq_dev.as_ref(), &g, &ws, stream)
         });
     }
     // SAFETY: as for the forward.
@@ -532,7 +532,7 @@ fn cuda_conv1d_workspace_size(x: &Bound<'_, PyAny>, width: i64) -> PyResult<i64>
         }
         .into());
     }
-    Ok(cuda::small::conv_bwd_workspace_elems(&xv, width))
+    Ok(cuda::conv1d::conv_bwd_workspace_elems(&xv, width))
 }
 
 /// Decoding update of the causal convolution: `conv_state` updated in place. `cache_seqlens` /
@@ -563,7 +563,7 @@ fn conv1d_update(
     let (ix, ix_dev) = index_arg(conv_state_indices, "conv_state_indices", cuda)?;
     run_detached(py, move || {
         if cuda {
-            return cuda::small::conv_update(
+            return cuda::conv1d::conv_update(
                 &xv,
                 &sv,
                 &wv,

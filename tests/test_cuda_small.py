@@ -1,4 +1,4 @@
-"""The small CUDA kernels (cuda/small.cu) and the fused mamba_inner_fn on the GPU: parity with
+"""The small CUDA kernels (cuda/conv1d.cu, cuda/state_update.cu) and the fused mamba_inner_fn on the GPU: parity with
 float64 oracles by flash-attention's rule (kernel error <= 2x the same-precision PyTorch
 reference's), every option, layouts, deterministic backward, device-side indices, CUDA graphs.
 Skipped without a GPU; run on the device machine."""

@@ -39,9 +39,10 @@ def compile_archs(
     names = _native.cuda_program_names()
     workers = workers or len(os.sched_getaffinity(0))
     results: dict[str, list[Report | None]] = {a: [None] * len(names) for a in archs}
-    # Longest first, so that no long compile runs alone at the end: the small-kernel module (one
-    # program of 56 kernels, ~25 s), then the backward programs (~3x a forward one).
-    rank = {"small": 0, "ssm_bwd": 1}
+    # Longest first, so that no long compile runs alone at the end: the small ops' modules (one
+    # program of all the conv1d kernels, one of the state-update ones), then the backward
+    # programs (~3x a forward one).
+    rank = {"conv1d": 0, "state_update": 0, "ssm_bwd": 1}
     order = sorted(range(len(names)), key=lambda i: rank.get(names[i].split()[0], 2))
     jobs = [(a, i) for i in order for a in archs]
     done = 0

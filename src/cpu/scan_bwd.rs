@@ -12,8 +12,8 @@ use super::scan_fwd::{
     load_steps, padded, state_off,
 };
 use super::{Real, W, addr, madd, par_for, sigmoid};
-use crate::check::Plan;
 use crate::dlpack::DType;
+use crate::ops::scan::Plan;
 use crate::params::SsmParams;
 
 /// Partial-sum memory we allow for variable dB/dC (elements).

@@ -2,8 +2,8 @@
 //! (blocks of `W` lanes); one fp32 state vector saved per chunk for the backward and last_state.
 
 use super::{Real, W, addr, madd, par_for, sigmoid};
-use crate::check::Plan;
 use crate::dlpack::DType;
+use crate::ops::scan::Plan;
 use crate::params::SsmParams;
 
 /// Per-thread buffers, reused across work items.

@@ -1,8 +1,8 @@
 //! Unit tests of the CPU kernels against a naive f64 recurrence (forward) and central finite
 //! differences (backward), without Python.
 
-use crate::check::{BwdArgs, FwdArgs, FwdOut, plan_backward, plan_forward};
 use crate::dlpack::{DType, Device, TensorView};
+use crate::ops::scan::{BwdArgs, FwdArgs, FwdOut, plan_backward, plan_forward};
 
 fn view<T>(v: &mut [T], dtype: DType, shape: &[i64]) -> TensorView {
     let mut strides = vec![1i64; shape.len()];

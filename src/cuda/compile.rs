@@ -13,18 +13,22 @@ const PARAMS_H: &str = include_str!("../../cuda/params.h");
 const COMMON_CUH: &str = include_str!("../../cuda/common.cuh");
 const SCAN_FWD_CU: &str = include_str!("../../cuda/scan_fwd.cu");
 const SCAN_BWD_CU: &str = include_str!("../../cuda/scan_bwd.cu");
-const SMALL_CU: &str = include_str!("../../cuda/small.cu");
+const STRIDED_CUH: &str = include_str!("../../cuda/strided.cuh");
+const STATE_UPDATE_CU: &str = include_str!("../../cuda/state_update.cu");
+const CONV1D_CU: &str = include_str!("../../cuda/conv1d.cu");
 
-/// One NVRTC program: a specialisation of the scan, or the small kernels (decoding step and
-/// causal conv1d, all their variants in one module: they are cheap to compile).
+/// One NVRTC program: a specialisation of the scan, or one of the small ops' modules (all
+/// variants of the decoding step in one, of causal conv1d in the other: they are cheap to
+/// compile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Program {
     Scan(KernelSpec),
-    Small,
+    StateUpdate,
+    Conv1d,
 }
 
-/// Entry points of the small-kernel module.
-pub const SMALL_ENTRIES: &[&str] = &[
+/// Entry points of the state-update module.
+pub const STATE_UPDATE_ENTRIES: &[&str] = &[
     "state_update_s0_g1",
     "state_update_s0_g2",
     "state_update_s0_g4",
@@ -43,6 +47,10 @@ pub const SMALL_ENTRIES: &[&str] = &[
     "state_update_s2_g8",
     "state_update_s2_g16",
     "state_update_s2_g32",
+];
+
+/// Entry points of the causal-conv1d module.
+pub const CONV1D_ENTRIES: &[&str] = &[
     "conv_fwd_t0_w2",
     "conv_fwd_t0_w3",
     "conv_fwd_t0_w4",
@@ -88,7 +96,8 @@ impl Program {
     pub fn name(&self) -> &'static str {
         match self {
             Program::Scan(s) => s.entry(),
-            Program::Small => "small",
+            Program::StateUpdate => "state_update",
+            Program::Conv1d => "conv1d",
         }
     }
     /// A readable name of the specialisation (compile reports, logs).
@@ -111,19 +120,21 @@ impl Program {
                 s.chunk(),
                 s.tile()
             ),
-            Program::Small => "small kernels".to_string(),
+            Program::StateUpdate => "state_update kernels".to_string(),
+            Program::Conv1d => "conv1d kernels".to_string(),
         }
     }
     pub fn entries(&self) -> &'static [&'static str] {
         match self {
             Program::Scan(s) => s.entries(),
-            Program::Small => SMALL_ENTRIES,
+            Program::StateUpdate => STATE_UPDATE_ENTRIES,
+            Program::Conv1d => CONV1D_ENTRIES,
         }
     }
     pub fn options(&self, arch: &str) -> Vec<String> {
         match self {
             Program::Scan(s) => s.options(arch),
-            Program::Small => vec![
+            Program::StateUpdate | Program::Conv1d => vec![
                 format!("--gpu-architecture={arch}"),
                 "--std=c++17".into(),
                 "--ptxas-options=-v".into(),
@@ -133,32 +144,36 @@ impl Program {
     pub fn source(&self) -> String {
         match self {
             Program::Scan(s) => s.source(),
-            Program::Small => join_sources(SMALL_CU),
+            Program::StateUpdate => join_sources(&[STRIDED_CUH], STATE_UPDATE_CU),
+            Program::Conv1d => join_sources(&[STRIDED_CUH], CONV1D_CU),
         }
     }
     /// Every program (the ahead-of-time warm-up and the CI compile check).
     pub fn all() -> Vec<Program> {
         let mut v: Vec<Program> = KernelSpec::all().into_iter().map(Program::Scan).collect();
-        v.push(Program::Small);
+        v.push(Program::Conv1d);
+        v.push(Program::StateUpdate);
         v
     }
 }
 
-/// params.h, common.cuh and a kernel file as one self-contained source (NVRTC gets no include
-/// paths: the includes are dropped and the headers inlined in order).
-fn join_sources(body: &str) -> String {
+/// params.h, common.cuh, the `extra` headers and a kernel file as one self-contained source
+/// (NVRTC gets no include paths: the includes are dropped and the headers inlined in order).
+fn join_sources(extra: &[&str], body: &str) -> String {
     let strip = |s: &str| {
         s.lines()
             .filter(|l| !l.starts_with("#pragma once") && !l.starts_with("#include"))
             .collect::<Vec<_>>()
             .join("\n")
     };
-    format!(
-        "{}\n{}\n{}\n",
-        strip(PARAMS_H),
-        strip(COMMON_CUH),
-        strip(body)
-    )
+    let mut out = format!("{}\n{}\n", strip(PARAMS_H), strip(COMMON_CUH));
+    for h in extra {
+        out.push_str(&strip(h));
+        out.push('\n');
+    }
+    out.push_str(&strip(body));
+    out.push('\n');
+    out
 }
 
 /// Which kernel and which compile-time specialisation.
@@ -278,10 +293,12 @@ impl KernelSpec {
             generic: true,
         }
     }
-    /// Whether a layout also comes with 64-step tiles: those whose chunk is 32 (in the backward,
-    /// of up to 4 states per lane).
+    /// Whether a layout also comes with 64-step tiles: the forward's whose chunk is 32. The
+    /// backward has none: on the H200 they gained at most ~6% of the backward (long rows over
+    /// few channels) and lost on short sequences, for a sixth of the compile time
+    /// (benchmarks/results/tile_length_ab_h200.md).
     pub fn has_long_tile(ks: u8, g: u8, backward: bool) -> bool {
-        chunk_for_layout(ks, g) == 32 && (!backward || ks <= 4)
+        chunk_for_layout(ks, g) == 32 && !backward
     }
     /// Whether this specialisation also comes with 64-step tiles (the generic build has none).
     pub fn with_long_tile(&self) -> bool {
@@ -324,11 +341,14 @@ impl KernelSpec {
         v
     }
     pub fn source(&self) -> String {
-        join_sources(if self.backward {
-            SCAN_BWD_CU
-        } else {
-            SCAN_FWD_CU
-        })
+        join_sources(
+            &[],
+            if self.backward {
+                SCAN_BWD_CU
+            } else {
+                SCAN_FWD_CU
+            },
+        )
     }
     /// Every specialisation (for the ahead-of-time warm-up and the CI compile check).
     pub fn all() -> Vec<KernelSpec> {
@@ -985,7 +1005,7 @@ mod tests {
             return;
         }
         let spec = KernelSpec::new(true, 2, 16, false, true, true, true);
-        for prog in [Program::Scan(spec), Program::Small] {
+        for prog in [Program::Scan(spec), Program::Conv1d, Program::StateUpdate] {
             let c = compile(&prog, "sm_90").unwrap();
             eprintln!("{:?}", c.resources());
             assert_eq!(c.resources().1, 0, "{}", c.log);

@@ -3,11 +3,13 @@
 //! allocated here and nothing synchronises with the host, so calls are CUDA-graph capturable.
 
 pub mod compile;
-pub mod small;
+pub mod conv1d;
+pub mod state_update;
+mod strided;
 
-use crate::check::Plan;
 use crate::dlpack::{DType, Device};
 use crate::error::{Result, ScanError};
+use crate::ops::scan::Plan;
 use compile::{BWD_SUB_TILE, KernelSpec, Program, chunk_for_layout, compile_cached, layout_for};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;

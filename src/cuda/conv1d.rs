@@ -1,173 +1,16 @@
-//! Launches of the small kernels (cuda/small.cu): the decoding step of the selective scan and
-//! the causal conv1d forward, backward and decoding update. The argument checks are the CPU
-//! path's (`cpu::state_update::check`, `cpu::conv1d::check_*`) run for the tensors' CUDA device;
-//! index tensors stay on the device (the kernels treat an out-of-range row as documented in
-//! small.cu instead of the host checking it, which would need a synchronisation).
+//! Launches of the causal conv1d kernels (cuda/conv1d.cu): forward, backward and the decoding
+//! update. The contract is `ops::conv1d`'s, run for the tensors' CUDA device; index tensors stay
+//! on the device (no host synchronisation).
 
 use super::compile::Program;
-use super::{device_state, driver_err, function, registry};
-use crate::cpu::conv1d::{ConvArgs, ConvGrads, check_backward, check_forward, check_update};
-use crate::cpu::state_update::{UpdateArgs, check};
-use crate::dlpack::{DType, Device, IntView, TensorView};
-use crate::error::{Result, ScanError, device_err, shape_err};
-use crate::params::{ConvParams, StateUpdateParams, TensorRef};
-use cudarc::driver::{result as drv, sys};
-use std::ffi::c_void;
-
-/// Ceiling division of non-negative sizes (i64::div_ceil is unstable).
-fn cdiv(a: i64, b: i64) -> i64 {
-    (a + b - 1) / b
-}
-
-fn tref(t: &TensorView, arg: &str) -> Result<TensorRef> {
-    let mut r = TensorRef {
-        ptr: t.ptr,
-        dtype: super::in_type(t.dtype, arg)? as i32,
-        ndim: t.ndim() as i32,
-        stride: [0; 4],
-    };
-    for i in 0..t.ndim().min(4) {
-        r.stride[i] = t.stride(i);
-    }
-    Ok(r)
-}
-
-fn opt_ref(t: Option<&TensorView>, arg: &str) -> Result<TensorRef> {
-    t.map_or(Ok(TensorRef::default()), |t| tref(t, arg))
-}
-
-fn int_ref(v: &IntView, arg: &str, want: &[i64], dev: Device) -> Result<TensorRef> {
-    if v.device != dev || v.shape != want {
-        return Err(shape_err(
-            arg,
-            format!(
-                "must be an int32 / int64 tensor of shape {want:?} on {dev}; got {} on {}",
-                v.shape_str(),
-                v.device
-            ),
-        ));
-    }
-    let mut r = TensorRef {
-        ptr: v.ptr,
-        dtype: if v.is64 { 5 } else { 4 },
-        ndim: v.shape.len() as i32,
-        stride: [0; 4],
-    };
-    for i in 0..v.shape.len().min(4) {
-        r.stride[i] = if v.shape[i] == 1 { 0 } else { v.strides[i] };
-    }
-    Ok(r)
-}
-
-fn cuda_ordinal(t: &TensorView, arg: &str) -> Result<i32> {
-    match t.device {
-        Device::Cuda(i) => Ok(i),
-        Device::Cpu => Err(device_err(arg, "expected a CUDA tensor")),
-    }
-}
-
-fn i32_of(v: i64, arg: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| shape_err(arg, format!("size {v} exceeds 2^31 - 1")))
-}
-
-/// Launch `name` of the small-kernel module with one params struct by value.
-fn launch<P>(
-    ordinal: i32,
-    name: &'static str,
-    grid: (u32, u32, u32),
-    block: u32,
-    params: &P,
-    stream: u64,
-) -> Result<()> {
-    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-        return Ok(());
-    }
-    let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
-    let st = device_state(&mut map, ordinal)?;
-    let f = function(st, Program::Small, name)?;
-    // The kernels take the struct by value: the driver wants a pointer to the argument's bytes.
-    let mut args = [params as *const P as *mut c_void];
-    // SAFETY: `f` belongs to the current context; `params` outlives the call (the driver copies
-    // the argument bytes at launch); the stream is the caller's live stream on this device; the
-    // pointers inside `params` were checked against their tensors' shapes by the callers.
-    unsafe {
-        drv::launch_kernel(
-            f,
-            grid,
-            (block, 1, 1),
-            0,
-            stream as sys::CUstream,
-            &mut args,
-        )
-    }
-    .map_err(driver_err(name))
-}
-
-/// One decoding step on CUDA (see `cpu::state_update` for the semantics and shapes).
-pub fn state_update(a: &UpdateArgs, stream: u64) -> Result<()> {
-    let ordinal = cuda_ordinal(a.state, "state")?;
-    check(a, a.state.device)?;
-    let s = a.state;
-    let (h, p, n) = (s.shape[1], s.shape[2], s.shape[3]);
-    let bt = a.x.shape[0];
-    if n > 256 {
-        return Err(shape_err(
-            "state",
-            format!("dstate must be <= 256 on CUDA; got {n}"),
-        ));
-    }
-    // Lanes per row: 8 consecutive states each.
-    let group = ((n.max(1) as u64).div_ceil(8).next_power_of_two() as i32).min(32);
-    let want = format!(
-        "state_update_s{}_g{group}",
-        super::in_type(a.state.dtype, "state")?
-    );
-    let name = small_entry(&want)?;
-    let mut idx = TensorRef::default();
-    if let Some(iv) = a.device_indices {
-        idx = int_ref(iv, "state_batch_indices", &[bt], s.device)?;
-    }
-    let prm = StateUpdateParams {
-        batch: i32_of(bt, "x")?,
-        nheads: i32_of(h, "state")?,
-        dim: i32_of(p, "state")?,
-        dstate: n as i32,
-        heads_per_group: (h / a.b.shape[1]) as i32,
-        state_rows: i32_of(s.shape[0], "state")?,
-        dt_softplus: a.dt_softplus as i32,
-        group,
-        state: tref(a.state, "state")?,
-        x: tref(a.x, "x")?,
-        dt: tref(a.dt, "dt")?,
-        a: tref(a.a, "A")?,
-        b: tref(a.b, "B")?,
-        c: tref(a.c, "C")?,
-        d: opt_ref(a.d, "D")?,
-        z: opt_ref(a.z, "z")?,
-        dt_bias: opt_ref(a.dt_bias, "dt_bias")?,
-        out: tref(a.out, "out")?,
-        idx,
-    };
-    if bt > 65535 || h > 65535 {
-        return Err(shape_err(
-            "x",
-            format!("batch ({bt}) and nheads ({h}) must be <= 65535 on CUDA"),
-        ));
-    }
-    let threads = 128i64;
-    let rows_per_block = threads / group as i64;
-    launch(
-        ordinal,
-        name,
-        (cdiv(p, rows_per_block) as u32, h as u32, bt as u32),
-        threads as u32,
-        &prm,
-        stream,
-    )
-}
+use super::strided::{cdiv, cuda_ordinal, entry, i32_of, int_ref, launch, opt_ref, tref};
+use crate::dlpack::{DType, IntView, TensorView};
+use crate::error::{Result, ScanError, shape_err};
+use crate::ops::conv1d::{ConvArgs, ConvGrads, check_backward, check_forward, check_update};
+use crate::params::{ConvParams, TensorRef};
 
 const CONV_THREADS: i64 = 256;
-/// Steps per thread (kSeg in small.cu).
+/// Steps per thread (kSeg in conv1d.cu).
 const CONV_STEPS: i64 = 8;
 /// Steps per lane of the fast kernels (`kSegF`): a warp covers 32 x this many steps.
 const CONV_FAST_STEPS: i64 = 16;
@@ -253,24 +96,11 @@ fn conv_blocks(p: &ConvParams) -> Result<u32> {
     Ok(i32_of(cdiv(p.dim as i64, td) * p.n_ltiles as i64, "x")? as u32)
 }
 
-/// The entry point `conv_{kind}_t{dtype}_w{width}` of the small-kernel module, by name (a
+/// The entry point `conv_{kind}_t{dtype}_w{width}` of the conv1d module, by name (a
 /// missing one is an error, never another kernel).
 fn conv_entry(kind: &str, p: &ConvParams) -> Result<&'static str> {
     let want = format!("conv_{kind}_t{}_w{}", p.x.dtype, p.width);
-    small_entry(&want)
-}
-
-/// The entry point `want` of the small-kernel module, by name (a missing one is an error, never
-/// another kernel).
-fn small_entry(want: &str) -> Result<&'static str> {
-    super::compile::SMALL_ENTRIES
-        .iter()
-        .copied()
-        .find(|e| *e == want)
-        .ok_or_else(|| ScanError::Cuda {
-            name: "CUDA_ERROR_NOT_FOUND".into(),
-            msg: format!("kernel {want} missing from the small-kernel module"),
-        })
+    entry(Program::Conv1d, &want)
 }
 
 /// Causal conv1d forward on CUDA.
@@ -293,6 +123,7 @@ pub fn conv_forward(
         "fwd"
     };
     launch(
+        Program::Conv1d,
         ordinal,
         conv_entry(kind, &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
@@ -345,6 +176,7 @@ pub fn conv_backward(
         "bwd"
     };
     launch(
+        Program::Conv1d,
         ordinal,
         conv_entry(kind, &p)?,
         (conv_blocks(&p)?, p.batch as u32, 1),
@@ -354,6 +186,7 @@ pub fn conv_backward(
     )?;
     let total = p.dim as i64 * (p.width as i64 + 1);
     launch(
+        Program::Conv1d,
         ordinal,
         "conv_bwd_reduce",
         (cdiv(total, 256) as u32, 1, 1),
@@ -411,6 +244,7 @@ pub fn conv_update(
         return Err(shape_err("x", format!("batch {b} exceeds 65535")));
     }
     launch(
+        Program::Conv1d,
         ordinal,
         "conv_update",
         (cdiv(d, 128) as u32, b as u32, 1),
@@ -425,7 +259,7 @@ mod tests {
     use super::*;
 
     /// Every (direction, dtype, width) the launcher can ask for names a compiled entry, and
-    /// each entry in SMALL_ENTRIES is defined in small.cu.
+    /// each entry of the two small modules is defined in its source.
     #[test]
     fn conv_entries_resolve_by_name() {
         for kind in ["fwd", "bwd"] {
@@ -444,20 +278,26 @@ mod tests {
                 }
             }
         }
-        let src = include_str!("../../cuda/small.cu");
-        for e in super::super::compile::SMALL_ENTRIES {
-            let su = e
+        let conv = include_str!("../../cuda/conv1d.cu");
+        for e in super::super::compile::CONV1D_ENTRIES {
+            let parts: Vec<&str> = e.split('_').collect();
+            let defined = conv.contains(&format!("void {e}("))
+                || (parts.len() == 4 && {
+                    // CONV_ENTRIES(T, W) defines conv_{fwd,bwd}_t{T}_w{W}.
+                    let (t, w) = (&parts[2][1..], &parts[3][1..]);
+                    conv.contains(&format!("CONV_ENTRIES({t}, {w})"))
+                });
+            assert!(defined, "{e} is not defined in conv1d.cu");
+        }
+        let su = include_str!("../../cuda/state_update.cu");
+        for e in super::super::compile::STATE_UPDATE_ENTRIES {
+            let st = e
                 .strip_prefix("state_update_s")
                 .and_then(|r| r.split('_').next());
-            let defined = src.contains(&format!("void {e}("))
-                || su.is_some_and(|st| src.contains(&format!("SU_ENTRIES({st})")))
-                || (e.starts_with("conv_") && e.matches('_').count() == 3 && {
-                    // CONV_ENTRIES(T, W) defines conv_{fwd,bwd}_t{T}_w{W}.
-                    let parts: Vec<&str> = e.split('_').collect();
-                    let (t, w) = (&parts[2][1..], &parts[3][1..]);
-                    src.contains(&format!("CONV_ENTRIES({t}, {w})"))
-                });
-            assert!(defined, "{e} is not defined in small.cu");
+            assert!(
+                st.is_some_and(|st| su.contains(&format!("SU_ENTRIES({st})"))),
+                "{e} is not defined in state_update.cu"
+            );
         }
     }
 }
