@@ -8,7 +8,10 @@ import mamba_scan._boundary as boundary
 # two architectures: minutes of NVRTC on all cores. When it is selected, the compiles start in a
 # background thread as soon as the tests are collected and run while the other tests do (those
 # leave cores idle most of the time); the check itself is moved to the end of the run and only
-# collects the reports. The compile servers make each cubin independent of the load.
+# collects the reports. The compile servers make each cubin independent of the load. While it
+# runs, torch's own CPU ops run single-threaded: libgomp's threads spin at every barrier and,
+# with the cores taken by the compiles, a test file took 340 s instead of 106 s (torch's
+# threading is not under test; mamba_scan's CPU kernels keep their rayon pool).
 COMPILE_ALL_TEST = "test_all_kernels_compile_without_spills"
 _compile_all: dict = {}
 
@@ -29,6 +32,9 @@ def pytest_collection_modifyitems(session, config, items):
     if not last:
         return
     items[:] = [it for it in items if it.name != COMPILE_ALL_TEST] + last
+    import torch
+
+    torch.set_num_threads(1)
     t = threading.Thread(target=_compile_in_background, name="compile-all", daemon=True)
     _compile_all["thread"] = t
     t.start()
