@@ -27,7 +27,8 @@ def _compile_in_background():
         _compile_all["error"] = e
 
 
-def pytest_collection_modifyitems(session, config, items):
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a selected check starts it
+def pytest_collection_modifyitems(config, items):
     last = [it for it in items if it.name == COMPILE_ALL_TEST]
     if not last:
         return
@@ -40,7 +41,7 @@ def pytest_collection_modifyitems(session, config, items):
     t.start()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def all_kernel_reports():
     """{arch: reports} of every kernel program for sm_80 and sm_90 (see above)."""
     t = _compile_all.get("thread")
