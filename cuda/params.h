@@ -23,6 +23,9 @@ struct SsmParams {
     int delta_softplus;
     int has_initial_state;
     int has_dlast_state;
+    // Packed sequences (see src/params.rs): the state restarts where seq_idx changes.
+    int has_seq_idx;
+    int num_seqs;
 
     // Inputs.
     unsigned long long u_ptr;
@@ -52,6 +55,10 @@ struct SsmParams {
     unsigned long long dinitial_state_ptr;
     // fp32 scratch for deterministic two-stage reductions (layout chosen by the backend).
     unsigned long long workspace_ptr;
+    // seq_idx (batch, seqlen) int32; final_states (num_seqs, dim, dstate) or 0.
+    unsigned long long seq_idx_ptr;
+    unsigned long long final_states_ptr;
+    long long seq_idx_batch_stride;
 
     // Strides, in elements. (batch, dim, seqlen) tensors: batch and dim strides.
     long long u_batch_stride;

@@ -105,6 +105,8 @@ fn opt_view(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Tensor
 struct Inputs {
     req: [TensorView; 5],
     opt: [Option<TensorView>; 4],
+    seq_idx: Option<dlpack::IntView>,
+    num_seqs: i64,
 }
 
 impl Inputs {
@@ -124,7 +126,23 @@ impl Inputs {
         }
         let req: [TensorView; 5] = r.try_into().expect("five views");
         let opt: [Option<TensorView>; 4] = o.try_into().expect("four views");
-        Ok(Inputs { req, opt })
+        Ok(Inputs {
+            req,
+            opt,
+            seq_idx: None,
+            num_seqs: -1,
+        })
+    }
+
+    /// Packed sequences: seq_idx (an int32 tensor's capsule, or None) and the rows of the
+    /// per-sequence states (-1: none).
+    fn with_seq_idx(mut self, seq_idx: Option<&Bound<'_, PyAny>>, num_seqs: i64) -> PyResult<Inputs> {
+        if let Some(o) = seq_idx.filter(|o| !o.is_none()) {
+            // SAFETY: `o` is a live object borrowed under the GIL for the duration of this call.
+            self.seq_idx = Some(unsafe { dlpack::int_view_from_capsule(o.as_ptr(), "seq_idx") }?);
+        }
+        self.num_seqs = num_seqs;
+        Ok(self)
     }
 
     fn args(&self, delta_softplus: bool, chunk_size: i32) -> FwdArgs<'_> {
@@ -142,6 +160,8 @@ impl Inputs {
             initial_state: h0.as_ref(),
             delta_softplus,
             chunk_size,
+            seq_idx: self.seq_idx.as_ref(),
+            num_seqs: self.num_seqs,
         }
     }
 }
@@ -191,7 +211,7 @@ fn dispatch_backward(plan: Plan, stream: u64) -> Result<(), ScanError> {
 /// Forward selective scan. Every tensor argument is a DLPack capsule (or None for an optional
 /// one). Writes `out` (batch, dim, seqlen) and `states` (batch, dim, n_chunks, dstate).
 #[pyfunction]
-#[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, out, states, delta_softplus, chunk_size, stream=0))]
+#[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, out, states, delta_softplus, chunk_size, stream=0, seq_idx=None, num_seqs=-1, final_states=None))]
 #[allow(clippy::too_many_arguments)]
 fn scan_fwd(
     py: Python<'_>,
@@ -209,15 +229,21 @@ fn scan_fwd(
     delta_softplus: bool,
     chunk_size: i32,
     stream: u64,
+    seq_idx: Option<&Bound<'_, PyAny>>,
+    num_seqs: i64,
+    final_states: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
+    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?
+        .with_seq_idx(seq_idx, num_seqs)?;
     let (out, states) = (view(out, "out")?, view(states, "states")?);
+    let fin = opt_view(final_states, "final_states")?;
     let args = inputs.args(delta_softplus, chunk_size);
     let plan = ops::scan::plan_forward(
         &args,
         Some(&FwdOut {
             out: &out,
             states: &states,
+            final_states: fin.as_ref(),
         }),
     )?;
     run_detached(py, move || dispatch_forward(plan, stream))
@@ -227,7 +253,7 @@ fn scan_fwd(
 #[pyfunction]
 #[pyo3(signature = (u, delta, a, b, c, d, z, delta_bias, initial_state, states, dout, dlast_state,
                     du, ddelta, da, db, dc, dd, dz, ddelta_bias, dinitial_state,
-                    delta_softplus, chunk_size, stream=0, workspace=None))]
+                    delta_softplus, chunk_size, stream=0, workspace=None, seq_idx=None, num_seqs=-1))]
 #[allow(clippy::too_many_arguments)]
 fn scan_bwd(
     py: Python<'_>,
@@ -256,8 +282,11 @@ fn scan_bwd(
     chunk_size: i32,
     stream: u64,
     workspace: Option<&Bound<'_, PyAny>>,
+    seq_idx: Option<&Bound<'_, PyAny>>,
+    num_seqs: i64,
 ) -> PyResult<()> {
-    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?;
+    let inputs = Inputs::decode([u, delta, a, b, c], [d, z, delta_bias, initial_state])?
+        .with_seq_idx(seq_idx, num_seqs)?;
     let ws = opt_view(workspace, "workspace")?;
     let (states, dout, dlast) = (
         view(states, "states")?,

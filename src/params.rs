@@ -28,6 +28,12 @@ pub struct SsmParams {
     pub delta_softplus: i32,
     pub has_initial_state: i32,
     pub has_dlast_state: i32,
+    /// Packed sequences: `seq_idx` (batch, seqlen) int32 is given; the state restarts where it
+    /// changes along a row. `initial_state`, `dlast_state`, `dinitial_state` and `final_states`
+    /// are then per sequence, (num_seqs, dim, dstate), indexed by the seq_idx value (values
+    /// outside [0, num_seqs) read and write no state).
+    pub has_seq_idx: i32,
+    pub num_seqs: i32,
 
     // Inputs.
     pub u_ptr: u64,
@@ -57,6 +63,10 @@ pub struct SsmParams {
     pub dinitial_state_ptr: u64,
     /// fp32 scratch for deterministic two-stage reductions (layout chosen by the backend).
     pub workspace_ptr: u64,
+    /// seq_idx (batch, seqlen) int32, last stride 1; final_states (num_seqs, dim, dstate) or 0.
+    pub seq_idx_ptr: u64,
+    pub final_states_ptr: u64,
+    pub seq_idx_batch_stride: i64,
 
     // Strides, in elements. (batch, dim, seqlen) tensors: batch and dim strides.
     pub u_batch_stride: i64,
@@ -253,6 +263,8 @@ mod tests {
             delta_softplus,
             has_initial_state,
             has_dlast_state,
+            has_seq_idx,
+            num_seqs,
             u_ptr,
             delta_ptr,
             a_ptr,
@@ -276,6 +288,9 @@ mod tests {
             ddelta_bias_ptr,
             dinitial_state_ptr,
             workspace_ptr,
+            seq_idx_ptr,
+            final_states_ptr,
+            seq_idx_batch_stride,
             u_batch_stride,
             u_d_stride,
             delta_batch_stride,

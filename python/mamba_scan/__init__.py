@@ -18,7 +18,7 @@ from .integrations import patch, unpatch
 from .modules import Mamba
 from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_inner import mamba_inner_fn
-from .ops.selective_scan import SelectiveScanFn, selective_scan_fn
+from .ops.selective_scan import SelectiveScanFn, selective_scan_fn, seq_idx_from_cu_seqlens
 from .ops.state_update import selective_state_update
 from .reference import (
     causal_conv1d_ref,
@@ -53,4 +53,5 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "seq_idx_from_cu_seqlens",
 ]

@@ -3,7 +3,7 @@ a fake (meta) implementation and registered autograd, so that torch.compile, tor
 FakeTensor tracing and CUDA-graph capture see one op (and its backward) instead of an opaque
 Python function with DLPack calls inside.
 
-    mamba_scan::selective_scan_fwd      -> (out, states, last_state)
+    mamba_scan::selective_scan_fwd      -> (out, states, last_state)  [optional seq_idx, num_seqs]
     mamba_scan::selective_scan_bwd      -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)
     mamba_scan::selective_state_update  mutates state -> out
     mamba_scan::causal_conv1d_fwd       -> (out, final_states)
@@ -65,23 +65,28 @@ def selective_scan_fwd(
     initial_state: Optional[Tensor],
     delta_softplus: bool,
     return_last_state: bool,
+    seq_idx: Optional[Tensor] = None,
+    num_seqs: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .ops.selective_scan import _forward_impl, _prepare
+    from .ops.selective_scan import _forward_impl, _last_state, _prepare
 
     args = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    out, states = _forward_impl(*args, delta_softplus)
-    last = states[:, :, -1].clone() if return_last_state else _empty(u)
-    return out, states, last
+    out, states, final = _forward_impl(*args, delta_softplus, seq_idx, num_seqs,
+                                       return_last_state)  # fmt: skip
+    last = _last_state(states, final, return_last_state)
+    return out, states, last if last is not None else _empty(u)
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state,
+      seq_idx=None, num_seqs=-1):  # fmt: skip
     from .ops.selective_scan import _forward_outputs, _prepare
 
     args = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
     out, states = _forward_outputs(args[0], args[2])
     batch, dim, _ = u.shape
-    last = states.new_empty((batch, dim, A.shape[1])) if return_last_state else _empty(u)
+    rows = batch if seq_idx is None else max(num_seqs, 0)
+    last = states.new_empty((rows, dim, A.shape[1])) if return_last_state else _empty(u)
     return out, states, last
 
 
@@ -100,17 +105,20 @@ def selective_scan_bwd(
     dout: Optional[Tensor],
     dlast_state: Optional[Tensor],
     delta_softplus: bool,
+    seq_idx: Optional[Tensor] = None,
+    num_seqs: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .ops.selective_scan import _backward_impl, _prepare
 
     args = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    grads = _backward_impl(*args, states, dout, dlast_state, delta_softplus)
+    grads = _backward_impl(*args, states, dout, dlast_state, delta_softplus, seq_idx=seq_idx,
+                           num_seqs=num_seqs)  # fmt: skip
     return tuple(_or_empty(g, u) for g in grads)  # type: ignore[return-value]
 
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast_state,
-      delta_softplus):  # fmt: skip
+      delta_softplus, seq_idx=None, num_seqs=-1):  # fmt: skip
     from .ops.selective_scan import _backward_outputs, _prepare
 
     args = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -118,22 +126,27 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast_st
 
 
 def _scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[1])
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, _, seq_idx, num_seqs = (
+        inputs
+    )
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[1], seq_idx)
     ctx.delta_softplus = delta_softplus
+    ctx.num_seqs = num_seqs
     ctx.set_materialize_grads(False)
 
 
 def _scan_backward(ctx, dout, _dstates, dlast):
-    u, delta, A, B, C, D, z, delta_bias, h0, states = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, h0, states, seq_idx = ctx.saved_tensors
     if dlast is not None and dlast.numel() == 0:
         dlast = None  # the empty placeholder of return_last_state=False (or an empty state)
     g = torch.ops.mamba_scan.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, h0, states, dout, dlast, ctx.delta_softplus
-    )
+        u, delta, A, B, C, D, z, delta_bias, h0, states, dout, dlast, ctx.delta_softplus,
+        seq_idx, ctx.num_seqs,
+    )  # fmt: skip
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = g
     return (du, ddelta, dA, dB, dC, _present(dD, D), _present(dz, z),
-            _present(ddelta_bias, delta_bias), _present(dh0, h0), None, None)  # fmt: skip
+            _present(ddelta_bias, delta_bias), _present(dh0, h0), None, None, None,
+            None)  # fmt: skip
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)

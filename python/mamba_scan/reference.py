@@ -32,6 +32,8 @@ def selective_scan_ref(
     return_last_state=False,
     *,
     initial_state=None,
+    seq_idx=None,
+    num_seqs=None,
 ):
     """Reference selective scan, step by step.
 
@@ -40,6 +42,11 @@ def selective_scan_ref(
     ``y_t = C_t . h_t``; ``out = y + D u``; ``out *= silu(z)`` if ``z`` is given.
     Computes in float32 (float64 when ``u`` is float64); returns ``out`` in ``u``'s dtype, and
     ``last_state`` (float32/float64) when ``return_last_state``.
+
+    Packed sequences (``seq_idx`` (batch, seqlen)): where seq_idx changes along a row (and at
+    step 0) the state restarts from ``initial_state[seq_idx]`` (num_seqs, dim, dstate) or 0;
+    negative values are padding (no state read or written). ``last_state`` is then
+    (num_seqs, dim, dstate): each sequence's state after its last step, 0 for absent numbers.
     """
     if A.is_complex():
         raise NotImplementedError("complex A is not supported yet")
@@ -57,12 +64,31 @@ def selective_scan_ref(
     var_b, var_c = B.dim() >= 3, C.dim() >= 3
     B = _expand_groups(B.to(ct), dim)
     C = _expand_groups(C.to(ct), dim)
-    if initial_state is not None:
+    finals = {}
+    if seq_idx is not None:
+        seq = seq_idx.tolist()
+        if num_seqs is None:
+            num_seqs = initial_state.shape[0] if initial_state is not None else (
+                max([v for row in seq for v in row], default=-1) + 1)  # fmt: skip
+        h0 = initial_state.to(ct) if initial_state is not None else None
+    if initial_state is not None and seq_idx is None:
         x = initial_state.to(ct)
     else:
         x = u.new_zeros((batch, dim, dstate))
     ys = []
     for i in range(L):
+        if seq_idx is not None:
+            rows = []
+            for b in range(batch):
+                v = seq[b][i]
+                if i > 0 and seq[b][i - 1] == v:
+                    rows.append(x[b])
+                    continue
+                if i > 0 and 0 <= seq[b][i - 1] < num_seqs:
+                    finals[seq[b][i - 1]] = x[b]
+                ok = h0 is not None and 0 <= v < num_seqs
+                rows.append(h0[v] if ok else x.new_zeros((dim, dstate)))
+            x = torch.stack(rows)
         dA = torch.exp(delta[:, :, i, None] * A)
         if not var_b:
             bi = B
@@ -83,6 +109,13 @@ def selective_scan_ref(
     if z is not None:
         out = out * F.silu(z.to(ct))
     out = out.to(dtype_in)
+    if seq_idx is not None:
+        for b in range(batch):
+            if L and 0 <= seq[b][L - 1] < num_seqs:
+                finals[seq[b][L - 1]] = x[b]
+        zero = x.new_zeros((dim, dstate))
+        x = torch.stack([finals.get(s_, zero) for s_ in range(num_seqs)]) if num_seqs else (
+            x.new_zeros((0, dim, dstate)))  # fmt: skip
     return (out, x) if return_last_state else out
 
 

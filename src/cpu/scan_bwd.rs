@@ -9,7 +9,7 @@
 
 use super::scan_fwd::{
     Block, CB, ChanState, MAX_NB, blk, blk_mut, blocks, hsum, isa_variants, load_bc, load_initial,
-    load_steps, padded, state_off,
+    load_seq, load_seq_state, load_steps, padded, state_off, store_seq_state,
 };
 use super::{Real, W, addr, madd, par_for, sigmoid};
 use crate::dlpack::DType;
@@ -45,6 +45,14 @@ pub(crate) struct BwdScratch<R> {
     acc_c: Vec<R>,
     dd: [R; CB],
     dbias: [R; CB],
+    /// Packed sequences: seq_idx of the chunk (the step before first), which steps start a
+    /// sequence, and at those steps the new sequence's initial state (`rh0`), the previous
+    /// sequence's final-state gradient (`rdf`) and the gradient of the initial state (`rdh0`).
+    seq: Vec<i32>,
+    bnd: Vec<bool>,
+    rh0: Vec<R>,
+    rdf: Vec<R>,
+    rdh0: Vec<R>,
 }
 
 impl<R: Real> BwdScratch<R> {
@@ -76,6 +84,11 @@ impl<R: Real> BwdScratch<R> {
             acc_c: z(CB * np),
             dd: [R::ZERO; CB],
             dbias: [R::ZERO; CB],
+            seq: vec![0; chunk + 1],
+            bnd: vec![false; chunk],
+            rh0: z(chunk * np),
+            rdf: z(chunk * np),
+            rdh0: z(chunk * np),
         }
     }
 }
@@ -89,7 +102,14 @@ fn chan_slots(n: usize) -> usize {
 /// Recompute one chunk of channel j from its start state `s.h0`: h_t (into `hs`), the decays
 /// exp(dt_t A) (into `da`) and y_t. Then run the chunk in reverse, accumulating every gradient.
 #[inline(always)]
-fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FMA: bool>(
+fn chan_chunk<
+    R: Real,
+    const NB: usize,
+    const VB: bool,
+    const VC: bool,
+    const FMA: bool,
+    const VL: bool,
+>(
     nb: usize,
     len: usize,
     j: usize,
@@ -116,6 +136,11 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
     }
     // Recompute.
     for t in 0..len {
+        if VL && s.bnd[t] {
+            for k in 0..nb {
+                hr[k] = *blk(&s.rh0, t * np + k * W);
+            }
+        }
         let dtv = s.dt[t];
         let dtu = dtv * s.u[t];
         let mut acc = [R::ZERO; W];
@@ -190,7 +215,9 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
             };
             let dab = blk(&s.da, t * np + k * W);
             let hcur = blk(&s.hs, t * np + k * W);
-            let hprev: &[R; W] = if t > 0 {
+            let hprev: &[R; W] = if VL && s.bnd[t] {
+                blk(&s.rh0, t * np + k * W)
+            } else if t > 0 {
                 blk(&s.hs, (t - 1) * np + k * W)
             } else {
                 blk(&s.h0, k * W)
@@ -230,6 +257,14 @@ fn chan_chunk<R: Real, const NB: usize, const VB: bool, const VC: bool, const FM
         }
         s.du[t] = madd::<R, FMA>(dtv, hsum(&sdu), s.du[t]);
         s.ddt[t] = hsum(&sdt);
+        if VL && s.bnd[t] {
+            // A sequence starts at t: g is the gradient of its initial state; before t lies
+            // the previous sequence, whose final state gets its own gradient.
+            for k in 0..nb {
+                *blk_mut(&mut s.rdh0, t * np + k * W) = gr[k];
+                gr[k] = *blk(&s.rdf, t * np + k * W);
+            }
+        }
     }
     for k in 0..nb {
         *blk_mut(&mut s.g, o + k * W) = gr[k];
@@ -271,6 +306,17 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
     let (pb, pc, chan) = (pb as *mut R, pc as *mut R, chan as *mut R);
     let ns = chan_slots(n_state);
     let (bi, dim) = (b as i64, p.dim as usize);
+    let varlen = p.has_seq_idx != 0;
+    let h0_ptr = if p.has_initial_state != 0 {
+        p.initial_state_ptr
+    } else {
+        0
+    };
+    let dlast_ptr = if p.has_dlast_state != 0 {
+        p.dlast_state_ptr
+    } else {
+        0
+    };
     // SAFETY: tensors checked by plan_backward; (b, d) in range; workspace slices are this
     // item's own.
     unsafe {
@@ -284,7 +330,14 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
             s.acc_c.fill(R::ZERO);
             s.dd = [R::ZERO; CB];
             s.dbias = [R::ZERO; CB];
-            if p.has_dlast_state != 0 {
+            if varlen && seqlen > 0 {
+                // The last sequence of the row: its final-state gradient enters at the end.
+                load_seq(p, b, seqlen - 1, 1, &mut s.seq);
+                for j in 0..nch {
+                    let o = j * np;
+                    load_seq_state(p, wd, dlast_ptr, s.seq[1], sd0 + j, &mut s.g[o..o + np]);
+                }
+            } else if p.has_dlast_state != 0 {
                 for j in 0..nch {
                     let off = ((b * dim + sd0 + j) * n_state) as i64;
                     R::load(
@@ -333,6 +386,12 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                     );
                     s.dct[..len * np].fill(R::ZERO);
                 }
+                if varlen {
+                    load_seq(p, b, t0, len, &mut s.seq);
+                    for t in 0..len {
+                        s.bnd[t] = s.seq[t + 1] != s.seq[t];
+                    }
+                }
                 for j in 0..nch {
                     let d = sd0 + j;
                     let di = d as i64;
@@ -359,11 +418,39 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                             &mut s.h0[..n_state],
                         );
                     }
-                    match nblk {
-                        1 => chan_chunk::<R, 1, VB, VC, FMA>(1, len, j, s, has_z),
-                        2 => chan_chunk::<R, 2, VB, VC, FMA>(2, len, j, s, has_z),
-                        3 | 4 => chan_chunk::<R, 4, VB, VC, FMA>(nblk, len, j, s, has_z),
-                        _ => chan_chunk::<R, MAX_NB, VB, VC, FMA>(nblk, len, j, s, has_z),
+                    if varlen {
+                        // Each sequence start: the new sequence's initial state and the
+                        // previous one's final-state gradient.
+                        for t in 0..len {
+                            if !s.bnd[t] {
+                                continue;
+                            }
+                            let (prev, cur) = (s.seq[t], s.seq[t + 1]);
+                            let o = t * np;
+                            load_seq_state(p, wd, h0_ptr, cur, d, &mut s.rh0[o..o + np]);
+                            let dfp = if t0 + t > 0 { dlast_ptr } else { 0 };
+                            load_seq_state(p, wd, dfp, prev, d, &mut s.rdf[o..o + np]);
+                        }
+                        match nblk {
+                            1 => chan_chunk::<R, 1, VB, VC, FMA, true>(1, len, j, s, has_z),
+                            2 => chan_chunk::<R, 2, VB, VC, FMA, true>(2, len, j, s, has_z),
+                            3 | 4 => chan_chunk::<R, 4, VB, VC, FMA, true>(nblk, len, j, s, has_z),
+                            _ => chan_chunk::<R, MAX_NB, VB, VC, FMA, true>(nblk, len, j, s, has_z),
+                        }
+                        for t in 0..len {
+                            if s.bnd[t] {
+                                let o = t * np;
+                                let v = s.seq[t + 1];
+                                store_seq_state(p, wd, p.dinitial_state_ptr, v, d, &s.rdh0[o..o + np]);
+                            }
+                        }
+                    } else {
+                        match nblk {
+                            1 => chan_chunk::<R, 1, VB, VC, FMA, false>(1, len, j, s, has_z),
+                            2 => chan_chunk::<R, 2, VB, VC, FMA, false>(2, len, j, s, has_z),
+                            3 | 4 => chan_chunk::<R, 4, VB, VC, FMA, false>(nblk, len, j, s, has_z),
+                            _ => chan_chunk::<R, MAX_NB, VB, VC, FMA, false>(nblk, len, j, s, has_z),
+                        }
                     }
                     // delta's gradient through the bias and softplus.
                     if p.delta_softplus != 0 {
@@ -429,7 +516,7 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
             for j in 0..nch {
                 let d = sd0 + j;
                 let o = j * np;
-                if p.dinitial_state_ptr != 0 {
+                if p.dinitial_state_ptr != 0 && !varlen {
                     let off = ((b * dim + d) * n_state) as i64;
                     R::store(
                         wd,

@@ -16,6 +16,8 @@ pub(crate) struct Scratch<R> {
     pub row: Vec<R>,
     pub bt: Vec<R>,
     pub ct: Vec<R>,
+    /// seq_idx of the chunk's steps, the step before it first (packed sequences).
+    pub seq: Vec<i32>,
 }
 
 impl<R: Real> Scratch<R> {
@@ -30,6 +32,7 @@ impl<R: Real> Scratch<R> {
             row: z(chunk),
             bt: z(chunk * np),
             ct: z(chunk * np),
+            seq: vec![0; chunk + 1],
         }
     }
 }
@@ -214,10 +217,82 @@ pub(crate) unsafe fn load_initial<R: Real>(
 ) {
     let n = p.dstate as usize;
     h.fill(R::ZERO);
-    if p.has_initial_state != 0 {
+    // Packed sequences take their initial states at their first steps instead.
+    if p.has_initial_state != 0 && p.has_seq_idx == 0 {
         let off = ((b * p.dim as usize + d) * n) as i64;
         // SAFETY: (batch, dim, dstate) contiguous.
         unsafe { R::load(wd, addr(p.initial_state_ptr, off, wd), &mut h[..n]) };
+    }
+}
+
+/// Packed sequences: the seq_idx values of steps [t0 - 1, t0 + len) of row b into
+/// `dst[..len + 1]` (i32::MIN before step 0, so that step 0 always starts a sequence). A step t
+/// starts a sequence when `dst[t - t0 + 1] != dst[t - t0]`.
+///
+/// # Safety
+/// `p.seq_idx_ptr` must address a live (batch, seqlen) int32 host tensor, last stride 1.
+#[inline(always)]
+pub(crate) unsafe fn load_seq(p: &SsmParams, b: usize, t0: usize, len: usize, dst: &mut [i32]) {
+    let row = p.seq_idx_ptr as *const i32;
+    let base = b as isize * p.seq_idx_batch_stride as isize;
+    for (i, x) in dst[..len + 1].iter_mut().enumerate() {
+        let t = t0 as isize + i as isize - 1;
+        // SAFETY: 0 <= t < seqlen inside row b.
+        *x = if t < 0 {
+            i32::MIN
+        } else {
+            unsafe { *row.offset(base + t) }
+        };
+    }
+}
+
+/// The row of sequence `v` in a per-sequence state tensor, if it has one.
+#[inline(always)]
+pub(crate) fn seq_row(p: &SsmParams, v: i32) -> Option<usize> {
+    (v >= 0 && v < p.num_seqs).then_some(v as usize)
+}
+
+/// Load sequence v's state of channel d from a (num_seqs, dim, dstate) tensor into h (0 when
+/// `ptr` is 0 or v has no row).
+///
+/// # Safety
+/// `ptr` (when not 0) must address a live contiguous (num_seqs, dim, dstate) tensor of `wd`.
+#[inline(always)]
+pub(crate) unsafe fn load_seq_state<R: Real>(
+    p: &SsmParams,
+    wd: DType,
+    ptr: u64,
+    v: i32,
+    d: usize,
+    h: &mut [R],
+) {
+    let n = p.dstate as usize;
+    h.fill(R::ZERO);
+    if let (Some(r), true) = (seq_row(p, v), ptr != 0) {
+        let off = ((r * p.dim as usize + d) * n) as i64;
+        // SAFETY: row r < num_seqs, channel d < dim.
+        unsafe { R::load(wd, addr(ptr, off, wd), &mut h[..n]) };
+    }
+}
+
+/// Store h as sequence v's state of channel d (nothing when `ptr` is 0 or v has no row).
+///
+/// # Safety
+/// As `load_seq_state`, the tensor writable.
+#[inline(always)]
+pub(crate) unsafe fn store_seq_state<R: Real>(
+    p: &SsmParams,
+    wd: DType,
+    ptr: u64,
+    v: i32,
+    d: usize,
+    h: &[R],
+) {
+    let n = p.dstate as usize;
+    if let (Some(r), true) = (seq_row(p, v), ptr != 0) {
+        let off = ((r * p.dim as usize + d) * n) as i64;
+        // SAFETY: row r < num_seqs, channel d < dim.
+        unsafe { R::store(wd, addr(ptr, off, wd), &h[..n]) };
     }
 }
 
@@ -433,6 +508,12 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
     let k = p.chunk_size as usize;
     let seqlen = p.seqlen as usize;
     let nch = d1 - d0;
+    let varlen = p.has_seq_idx != 0;
+    let h0_ptr = if p.has_initial_state != 0 {
+        p.initial_state_ptr
+    } else {
+        0
+    };
     // SAFETY: all tensors were checked by plan_forward; (b, d) are in range.
     unsafe {
         cs.load(p, ind, wd, b, d0, nch, np, &mut s.row);
@@ -473,6 +554,9 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                     &mut s.ct,
                 );
             }
+            if varlen {
+                load_seq(p, b, t0, len, &mut s.seq);
+            }
             for j in 0..nch {
                 let d = d0 + j;
                 let o = j * np;
@@ -482,14 +566,41 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                 let h = &mut cs.h[o..o + np];
                 let a2 = &cs.a2[o..o + np];
                 let (bt, bf, ct, cf) = (&s.bt[..], &cs.bf[o..o + np], &s.ct[..], &cs.cf[o..o + np]);
-                let (dt, u, y) = (&s.dt[..len], &s.u[..len], &mut s.y[..len]);
-                match nblk {
-                    1 => scan_steps::<R, 1, VB, VC, FMA>(1, a2, bt, bf, ct, cf, dt, u, y, h),
-                    2 => scan_steps::<R, 2, VB, VC, FMA>(2, a2, bt, bf, ct, cf, dt, u, y, h),
-                    3 | 4 => scan_steps::<R, 4, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h),
-                    _ => {
-                        scan_steps::<R, MAX_NB, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h)
+                // Segments of the chunk between sequence starts (the whole chunk without
+                // seq_idx); at a start, the previous sequence's state is final and the state
+                // restarts from the new sequence's initial state (or 0).
+                let mut a = 0;
+                while a < len {
+                    let mut e = len;
+                    if varlen {
+                        let sq = &s.seq;
+                        if sq[a + 1] != sq[a] {
+                            if t0 + a > 0 {
+                                store_seq_state(p, wd, p.final_states_ptr, sq[a], d, h);
+                            }
+                            load_seq_state(p, wd, h0_ptr, sq[a + 1], d, h);
+                        }
+                        e = a + 1;
+                        while e < len && sq[e + 1] == sq[e] {
+                            e += 1;
+                        }
                     }
+                    let (bt, ct) = (&bt[if VB { a * np } else { 0 }..], &ct[if VC { a * np } else { 0 }..]);
+                    let (dt, u, y) = (&s.dt[a..e], &s.u[a..e], &mut s.y[a..e]);
+                    match nblk {
+                        1 => scan_steps::<R, 1, VB, VC, FMA>(1, a2, bt, bf, ct, cf, dt, u, y, h),
+                        2 => scan_steps::<R, 2, VB, VC, FMA>(2, a2, bt, bf, ct, cf, dt, u, y, h),
+                        3 | 4 => {
+                            scan_steps::<R, 4, VB, VC, FMA>(nblk, a2, bt, bf, ct, cf, dt, u, y, h)
+                        }
+                        _ => scan_steps::<R, MAX_NB, VB, VC, FMA>(
+                            nblk, a2, bt, bf, ct, cf, dt, u, y, h,
+                        ),
+                    }
+                    a = e;
+                }
+                if varlen && c + 1 == p.n_chunks as usize && len > 0 {
+                    store_seq_state(p, wd, p.final_states_ptr, s.seq[len], d, h);
                 }
                 let dval = cs.dval[j];
                 for t in 0..len {

@@ -1,7 +1,7 @@
 //! Validation of every argument of a scan call, and the translation of the checked views into the
 //! flat `SsmParams`. Plain Rust: the binding passes views in, the kernels get params out.
 
-use crate::dlpack::{DType, Device, TensorView};
+use crate::dlpack::{DType, Device, IntView, TensorView};
 use crate::error::{Result, device_err, dtype_err, shape_err};
 use crate::params::SsmParams;
 
@@ -18,12 +18,21 @@ pub struct FwdArgs<'a> {
     pub initial_state: Option<&'a TensorView>,
     pub delta_softplus: bool,
     pub chunk_size: i32,
+    /// Packed sequences: (batch, seqlen) int32; the state restarts where the value changes along
+    /// a row. `initial_state` (and the final states, their gradients) are then per sequence,
+    /// (num_seqs, dim, dstate), row s for the steps whose seq_idx is s; negative values mark
+    /// padding (no state read or written).
+    pub seq_idx: Option<&'a IntView>,
+    /// Rows of the per-sequence state tensors (-1: none given).
+    pub num_seqs: i64,
 }
 
 /// Outputs of a forward call.
 pub struct FwdOut<'a> {
     pub out: &'a TensorView,
     pub states: &'a TensorView,
+    /// With seq_idx: the state after each sequence's last step, (num_seqs, dim, dstate).
+    pub final_states: Option<&'a TensorView>,
 }
 
 /// Incoming gradients and gradient outputs of a backward call.
@@ -290,13 +299,9 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
         p.z_batch_stride = z.stride(0);
         p.z_d_stride = z.stride(1);
     }
+    let rows = check_seq_idx(a, &mut p, dev)?;
     if let Some(h0) = a.initial_state {
-        expect_shape(
-            h0,
-            "initial_state",
-            &[batch, dim, dstate],
-            "(batch, dim, dstate)",
-        )?;
+        expect_shape(h0, "initial_state", &[rows, dim, dstate], state_what(&p))?;
         expect_dtype(h0, "initial_state", w_dtype, "the state is float32")?;
         expect_device(h0, "initial_state", dev)?;
         h0.require_contiguous("initial_state")?;
@@ -320,6 +325,20 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
         check_states(o.states, &p, w_dtype, dev)?;
         o.states.require_writable("states")?;
         p.states_ptr = o.states.ptr;
+        if let Some(f) = o.final_states {
+            if p.has_seq_idx == 0 {
+                return Err(shape_err(
+                    "final_states",
+                    "per-sequence final states need seq_idx",
+                ));
+            }
+            expect_shape(f, "final_states", &[rows, dim, dstate], state_what(&p))?;
+            expect_dtype(f, "final_states", w_dtype, "the state is float32")?;
+            expect_device(f, "final_states", dev)?;
+            f.require_contiguous("final_states")?;
+            f.require_writable("final_states")?;
+            p.final_states_ptr = f.ptr;
+        }
     }
     Ok(Plan {
         params: p,
@@ -327,6 +346,104 @@ pub fn plan_forward(a: &FwdArgs, o: Option<&FwdOut>) -> Result<Plan> {
         in_dtype,
         w_dtype,
     })
+}
+
+/// What a state argument's shape is, for messages.
+fn state_what(p: &SsmParams) -> &'static str {
+    if p.has_seq_idx != 0 {
+        "(num_seqs, dim, dstate) [one state per sequence of seq_idx]"
+    } else {
+        "(batch, dim, dstate)"
+    }
+}
+
+/// seq_idx and num_seqs: sets the varlen fields of `p`; returns the rows of a state argument
+/// (num_seqs with seq_idx, else batch). On the CPU the values are checked too: below num_seqs
+/// where per-sequence states are given, and each sequence one contiguous run (two runs of one
+/// sequence would both write its final state). On CUDA they stay on the device (no host sync):
+/// values at or above num_seqs are then treated as padding.
+fn check_seq_idx(a: &FwdArgs, p: &mut SsmParams, dev: Device) -> Result<i64> {
+    let (batch, seqlen) = (p.batch as i64, p.seqlen as i64);
+    let Some(s) = a.seq_idx else {
+        return Ok(batch);
+    };
+    if s.device != dev {
+        return Err(device_err(
+            "seq_idx",
+            format!("is on {} but u is on {dev}", s.device),
+        ));
+    }
+    if s.is64 {
+        return Err(dtype_err("seq_idx", "must be int32; got int64"));
+    }
+    if s.shape != [batch, seqlen] {
+        return Err(shape_err(
+            "seq_idx",
+            format!(
+                "must have shape (batch, seqlen) = ({batch}, {seqlen}); got {}",
+                s.shape_str()
+            ),
+        ));
+    }
+    if seqlen > 1 && s.strides[1] != 1 {
+        return Err(shape_err(
+            "seq_idx",
+            "must be contiguous along seqlen (stride 1)",
+        ));
+    }
+    let rows = a.num_seqs.max(0);
+    p.has_seq_idx = 1;
+    p.num_seqs = to_i32(rows, "num_seqs", "num_seqs")?;
+    p.seq_idx_ptr = s.ptr;
+    p.seq_idx_batch_stride = if batch > 1 { s.strides[0] } else { seqlen };
+    if dev == Device::Cpu && batch > 0 && seqlen > 0 && a.num_seqs >= 0 {
+        check_seq_values(p, a.num_seqs)?;
+    }
+    Ok(rows)
+}
+
+/// The CPU side of the seq_idx checks (see `check_seq_idx`), where per-sequence states are
+/// involved (without them seq_idx only marks restarts, and rows may reuse numbers).
+fn check_seq_values(p: &SsmParams, num_seqs: i64) -> Result<()> {
+    let mut last_row: Vec<i64> = Vec::new();
+    for b in 0..p.batch as i64 {
+        // SAFETY: a live int32 host tensor of shape (batch, seqlen), last stride 1 (checked).
+        let row = unsafe {
+            std::slice::from_raw_parts(
+                (p.seq_idx_ptr as *const i32).offset((b * p.seq_idx_batch_stride) as isize),
+                p.seqlen as usize,
+            )
+        };
+        for (t, &v) in row.iter().enumerate() {
+            if v < 0 || (t > 0 && row[t - 1] == v) {
+                continue;
+            }
+            if v as i64 >= num_seqs {
+                return Err(shape_err(
+                    "seq_idx",
+                    format!(
+                        "value {v} at ({b}, {t}) is out of range for {num_seqs} sequences \
+                         (the rows of initial_state / the final states)"
+                    ),
+                ));
+            }
+            let v = v as usize;
+            if last_row.len() <= v {
+                last_row.resize(v + 1, -1);
+            }
+            if last_row[v] >= 0 {
+                return Err(shape_err(
+                    "seq_idx",
+                    format!(
+                        "sequence {v} starts again at ({b}, {t}): each sequence must be one \
+                         contiguous run of one row"
+                    ),
+                ));
+            }
+            last_row[v] = b;
+        }
+    }
+    Ok(())
 }
 
 fn check_states(s: &TensorView, p: &SsmParams, w_dtype: DType, dev: Device) -> Result<()> {
@@ -430,13 +547,13 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
         }
         _ => {}
     }
+    let rows = if p.has_seq_idx != 0 {
+        p.num_seqs as i64
+    } else {
+        batch
+    };
     if let Some(t) = g.dinitial_state {
-        small(
-            t,
-            "dinitial_state",
-            &[batch, dim, dstate],
-            "(batch, dim, dstate)",
-        )?;
+        small(t, "dinitial_state", &[rows, dim, dstate], state_what(p))?;
         p.dinitial_state_ptr = t.ptr;
     }
     if let Some(t) = g.workspace {
@@ -447,12 +564,7 @@ pub fn plan_backward(a: &FwdArgs, g: &BwdArgs) -> Result<Plan> {
         p.workspace_ptr = t.ptr;
     }
     if let Some(t) = g.dlast_state {
-        expect_shape(
-            t,
-            "dlast_state",
-            &[batch, dim, dstate],
-            "(batch, dim, dstate)",
-        )?;
+        expect_shape(t, "dlast_state", &[rows, dim, dstate], state_what(p))?;
         expect_dtype(t, "dlast_state", wd, "the state is float32")?;
         expect_device(t, "dlast_state", dev)?;
         t.require_contiguous("dlast_state")?;

@@ -83,26 +83,87 @@ def _forward_outputs(u, A, chunk=None):
     return out, states
 
 
-def _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """The kernel's forward over prepared arguments: (out, states)."""
+def _prepare_seq(seq_idx, u):
+    """seq_idx as the kernels take it: an int32 (batch, seqlen) tensor on u's device, contiguous
+    along seqlen."""
+    if seq_idx is None:
+        return None
+    if not isinstance(seq_idx, torch.Tensor):
+        raise DTypeError(f"seq_idx: expected an int32 tensor; got {type(seq_idx).__name__}")
+    if seq_idx.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise DTypeError(f"seq_idx: expected an integer tensor (int32); got {seq_idx.dtype}")
+    if seq_idx.device != u.device:
+        raise DeviceError(f"seq_idx: is on {seq_idx.device} but u is on {u.device}")
+    if seq_idx.dim() != 2:
+        raise ShapeError(
+            f"seq_idx: must have shape (batch, seqlen) = {(u.shape[0], u.shape[2])}; "
+            f"got {tuple(seq_idx.shape)}"
+        )
+    if seq_idx.dtype != torch.int32:
+        seq_idx = seq_idx.to(torch.int32)
+    return last_contiguous(seq_idx)
+
+
+def _num_seqs(seq_idx, initial_state, return_last_state, num_seqs):
+    """Rows of the per-sequence states: initial_state's rows, else ``num_seqs``, else (only when
+    final states are asked for) seq_idx.max() + 1, which reads seq_idx back to the host. -1 when
+    no per-sequence state is involved."""
+    if seq_idx is None:
+        return -1
+    if initial_state is not None:
+        if num_seqs is not None and num_seqs != initial_state.shape[0]:
+            raise ShapeError(
+                f"num_seqs: {num_seqs} differs from initial_state's {initial_state.shape[0]} rows"
+            )
+        return initial_state.shape[0]
+    if num_seqs is not None:
+        if num_seqs < 0:
+            raise ShapeError(f"num_seqs: must be non-negative; got {num_seqs}")
+        return int(num_seqs)
+    if return_last_state:
+        return int(seq_idx.max().item()) + 1 if seq_idx.numel() else 0
+    return -1
+
+
+def _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                  seq_idx=None, num_seqs=-1, return_final=False):  # fmt: skip
+    """The kernel's forward over prepared arguments: (out, states, final_states or None). With
+    ``seq_idx`` and ``return_final``, final_states is (num_seqs, dim, dstate): the state after
+    each sequence's last step (zero for numbers that do not occur)."""
     chunk = chunk_size_for(u, A.shape[1])
     out, states = _forward_outputs(u, A, chunk)
+    final = None
+    if seq_idx is not None and return_final:
+        final = torch.zeros((max(num_seqs, 0), u.shape[1], A.shape[1]), dtype=states.dtype,
+                            device=u.device)  # fmt: skip
     _native.scan_fwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(out),
         capsule(states), bool(delta_softplus), chunk, stream_of(u),
+        seq_idx=capsule(seq_idx), num_seqs=num_seqs, final_states=capsule(final),
     )  # fmt: skip
-    return out, states
+    return out, states, final
+
+
+def _last_state(states, final, return_last_state):
+    """What return_last_state returns: the per-sequence final states with seq_idx, else the last
+    chunk's state."""
+    if not return_last_state:
+        return None
+    return final if final is not None else states[:, :, -1].clone()
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """:func:`_forward_impl`, through the custom op when traced (torch.compile, export)."""
+    """:func:`_forward_impl` without packed sequences, through the custom op when traced
+    (torch.compile, export): (out, states)."""
     if tracing():
         out, states, _ = torch.ops.mamba_scan.selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), False
         )
         return out, states
-    return _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    out, states, _ = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                   delta_softplus)  # fmt: skip
+    return out, states
 
 
 def _ngroups(X: torch.Tensor) -> int:
@@ -125,30 +186,32 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-        initial_state,
+        initial_state, seq_idx=None, num_seqs=-1,
     ):  # fmt: skip
         u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
             u, delta, A, B, C, D, z, delta_bias, initial_state
         )
-        out, states = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                    delta_softplus)  # fmt: skip
+        out, states, final = _forward_impl(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, seq_idx,
+            num_seqs, return_last_state,
+        )  # fmt: skip
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.has_initial_state = initial_state is not None
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
-        last_state = states[:, :, -1].clone() if return_last_state else None
+        ctx.num_seqs = num_seqs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx)
+        last_state = _last_state(states, final, return_last_state)
         if last_state is None:
             return out
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx = ctx.saved_tensors
         dlast = rest[0] if rest else None
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward_impl(
             u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
-            ctx.delta_softplus,
+            ctx.delta_softplus, seq_idx=seq_idx, num_seqs=ctx.num_seqs,
         )  # fmt: skip
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, None, dh0, None, None
 
 
 def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, du=None, dz=None):
@@ -167,10 +230,11 @@ def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, du=Non
 
 
 def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
-                   delta_softplus, du=None, dz=None):  # fmt: skip
+                   delta_softplus, du=None, dz=None, seq_idx=None, num_seqs=-1):  # fmt: skip
     """The fused backward (recomputes each chunk from its saved state): (du, ddelta, dA, dB, dC,
     dD, dz, ddelta_bias, dinitial_state), None for absent inputs. ``du`` / ``dz`` may be given
-    (views into a larger gradient)."""
+    (views into a larger gradient). With ``seq_idx``, ``dlast`` is the gradient of the
+    per-sequence final states."""
     if dout is None:
         dout = torch.zeros_like(u)
     dout = last_contiguous(dout)
@@ -179,13 +243,15 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward_outputs(
         u, delta, A, B, C, D, z, delta_bias, initial_state, du, dz
     )
+    if seq_idx is not None and dh0 is not None:
+        dh0.zero_()  # written at each sequence's start; numbers that do not occur get 0
     _native.scan_bwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
         capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
         capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
         capsule(dh0), bool(delta_softplus), chunk_size_for(u, A.shape[1]), stream_of(u),
-        workspace=capsule(_workspace(u, A, B, C)),
+        workspace=capsule(_workspace(u, A, B, C)), seq_idx=capsule(seq_idx), num_seqs=num_seqs,
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
@@ -256,6 +322,8 @@ def selective_scan_fn(
     return_last_state=False,
     *,
     initial_state=None,
+    seq_idx=None,
+    num_seqs=None,
 ):
     """Selective scan with mamba_ssm 2.3.2's semantics (see ``selective_scan_ref``).
 
@@ -267,19 +335,34 @@ def selective_scan_fn(
         D, delta_bias: (dim,) float32, optional.
         z: (batch, dim, seqlen), optional; gates the output by silu(z).
         delta_softplus: apply softplus to delta (after adding delta_bias).
-        return_last_state: also return the final state (batch, dim, dstate) float32.
+        return_last_state: also return the final state (batch, dim, dstate) float32 (with
+            ``seq_idx``: the final state of every sequence, (num_seqs, dim, dstate)).
         initial_state: (batch, dim, dstate) float32, the state before step 0 (mamba-scan
-            extension). Gradients flow to it, and from last_state when the caller uses it.
+            extension); with ``seq_idx``, (num_seqs, dim, dstate): row s is the state before
+            sequence s. Gradients flow to it, and from last_state when the caller uses it.
+        seq_idx: (batch, seqlen) int32, packed sequences (mamba-scan extension, causal-conv1d's
+            convention): the state restarts wherever the value changes along a row, from
+            ``initial_state[seq_idx]`` or zero. Negative values mark padding (no state read or
+            written). With per-sequence states each number must be one contiguous run of one
+            row (checked on the CPU). See :func:`seq_idx_from_cu_seqlens`.
+        num_seqs: rows of the per-sequence states; defaults to initial_state's rows, else (only
+            when ``return_last_state``) ``seq_idx.max() + 1``, which reads seq_idx back to the
+            host: pass it to keep a CUDA call free of synchronisation (and under torch.compile).
 
     numpy arrays (CPU, forward only) are accepted too and give numpy results.
     """
+    if seq_idx is not None and isinstance(u, torch.Tensor):
+        seq_idx = _prepare_seq(seq_idx, u)
+    n_seqs = _num_seqs(seq_idx, initial_state, return_last_state, num_seqs)
     if tracing():
         out, _, last = torch.ops.mamba_scan.selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-            bool(return_last_state),
+            bool(return_last_state), seq_idx, n_seqs,
         )  # fmt: skip
         return (out, last) if return_last_state else out
     if not isinstance(u, torch.Tensor) and hasattr(u, "__array_interface__"):
+        if seq_idx is not None:
+            raise TypeError("seq_idx: packed sequences need torch tensors, not numpy arrays")
         return _numpy_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
         )
@@ -291,11 +374,36 @@ def selective_scan_fn(
         u, delta, A, B, C, D, z, delta_bias, initial_state = _prepare(
             u, delta, A, B, C, D, z, delta_bias, initial_state
         )
-        out, states = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                    delta_softplus)  # fmt: skip
+        out, states, final = _forward_impl(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, seq_idx, n_seqs,
+            return_last_state,
+        )  # fmt: skip
         if return_last_state:
-            return out, states[:, :, -1].clone()
+            return out, _last_state(states, final, True)
         return out
     return SelectiveScanFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
-    )
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+        seq_idx, n_seqs,
+    )  # fmt: skip
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens, seqlen=None):
+    """The (1, total) int32 seq_idx of sequences packed back to back along one row, from their
+    cumulative lengths ``cu_seqlens`` = [0, l0, l0 + l1, ..., total] (flash-attention's and
+    vLLM's ``query_start_loc``). Steps past ``cu_seqlens[-1]`` (up to ``seqlen``) get -1
+    (padding). No host synchronisation when ``seqlen`` is given."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = torch.as_tensor(cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ShapeError(
+            f"cu_seqlens: must be 1-D [0, l0, l0 + l1, ...]; got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+        raise DTypeError(f"cu_seqlens: expected an integer tensor; got {cu_seqlens.dtype}")
+    if seqlen is None:
+        seqlen = int(cu_seqlens[-1].item())
+    pos = torch.arange(seqlen, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    # Sequence of step t: the number of starts cu_seqlens[1:] at or before t.
+    idx = torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
+    idx = torch.where(pos < cu_seqlens[-1], idx, torch.full_like(idx, -1))
+    return idx.to(torch.int32).unsqueeze(0)
