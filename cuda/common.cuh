@@ -408,3 +408,78 @@ __device__ __forceinline__ void st_states(float* dst, const float* v) {
         *reinterpret_cast<float2*>(dst) = x;
     }
 }
+
+// Packed sequences (p.has_seq_idx): the state restarts where seq_idx changes along a row.
+template <bool V> struct BoolC { static constexpr bool value = V; };
+
+// The seq_idx values a lane needs for the starts of the tile at nt0 (nlen <= 64 steps), loaded
+// a tile ahead so that their latency hides behind the current tile's scan: steps nt0 + lane and
+// nt0 + 32 + lane, and the step before the tile (INT_MIN before step 0: step 0 starts a
+// sequence).
+struct SeqAhead {
+    int v0, v1, prev;
+};
+__device__ __forceinline__ SeqAhead seq_ahead(const SsmParams& p, int b, int nt0, int nlen) {
+    const int* sq = (const int*)p.seq_idx_ptr + (long long)b * p.seq_idx_batch_stride;
+    const int lane = threadIdx.x & 31;
+    SeqAhead a;
+    a.v0 = lane < nlen ? sq[nt0 + lane] : 0;
+    a.v1 = 32 + lane < nlen ? sq[nt0 + 32 + lane] : 0;
+    a.prev = nt0 > 0 ? sq[nt0 - 1] : (int)0x80000000;
+    return a;
+}
+// Bit t set when step t (t < len) of the tile starts a sequence. Every lane of the warp must
+// call it.
+__device__ __forceinline__ unsigned long long seq_starts(const SeqAhead& a, int len) {
+    const unsigned full = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    int p0 = __shfl_up_sync(full, a.v0, 1);
+    const int last0 = __shfl_sync(full, a.v0, 31);
+    int p1 = __shfl_up_sync(full, a.v1, 1);
+    if (lane == 0) {
+        p0 = a.prev;
+        p1 = last0;
+    }
+    const unsigned m0 = __ballot_sync(full, lane < len && a.v0 != p0);
+    const unsigned m1 = __ballot_sync(full, 32 + lane < len && a.v1 != p1);
+    return (unsigned long long)m0 | ((unsigned long long)m1 << 32);
+}
+
+// seq_idx at step g of row b (-1 before step 0).
+__device__ __forceinline__ int seq_at(const SsmParams& p, int b, int g) {
+    return g < 0 ? -1 : ((const int*)p.seq_idx_ptr)[(long long)b * p.seq_idx_batch_stride + g];
+}
+
+// Address of sequence v's state of channel d in a (num_seqs, dim, dstate) tensor, or null when v
+// has no row (padding, out of range) or the tensor is absent.
+__device__ __forceinline__ float* seq_state(const SsmParams& p, unsigned long long ptr, int v, int d) {
+    return (ptr && v >= 0 && v < p.num_seqs) ? (float*)ptr + ((long long)v * p.dim + d) * p.dstate : nullptr;
+}
+
+// The lane's states of sequence v from a (num_seqs, dim, dstate) tensor at `ptr` (0 where v has
+// no row, the tensor is absent or the lane is past the block's channels).
+template <int KS>
+__device__ __forceinline__ void seq_load(const SsmParams& p, unsigned long long ptr, int v, int d, int j, bool live, float (&h)[KS]) {
+    const float* src = live ? seq_state(p, ptr, v, d) : nullptr;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+        const int n = j * KS + s;
+        h[s] = (src && n < p.dstate) ? src[n] : 0.f;
+    }
+}
+template <int KS>
+__device__ __forceinline__ void seq_store(const SsmParams& p, unsigned long long ptr, int v, int d, int j, bool live, const float (&h)[KS]) {
+    float* dst = live ? seq_state(p, ptr, v, d) : nullptr;
+    if (!dst) return;
+#pragma unroll
+    for (int s = 0; s < KS; ++s)
+        if (j * KS + s < p.dstate) dst[j * KS + s] = h[s];
+}
+
+// A sequence starts: the lane's states of the previous sequence (prev) are final; the state
+// restarts from sequence cur's initial state, or 0.
+template <int KS>
+__device__ __forceinline__ void seq_restart(const SsmParams& p, int prev, int cur, int d, int j, bool live, float (&h)[KS]) {
+    seq_store<KS>(p, p.final_states_ptr, prev, d, j, live, h);
+    seq_load<KS>(p, p.has_initial_state ? p.initial_state_ptr : 0ull, cur, d, j, live, h);
+}

@@ -179,9 +179,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
             s_fB[s] = Bf[s];
             s_fC[s] = Cf[s];
         }
-        g[s] = (p.has_dlast_state && ok) ? ((const float*)p.dlast_state_ptr)[((long long)b * p.dim + d) * N + n] : 0.f;
+        g[s] = (p.has_dlast_state && !p.has_seq_idx && ok) ? ((const float*)p.dlast_state_ptr)[((long long)b * p.dim + d) * N + n] : 0.f;
         dA[s] = dBf[s] = dCf[s] = 0.f;
     }
+    // Packed sequences: the gradient of the row's last sequence's final state enters at the end.
+    const unsigned long long h0p = p.has_initial_state ? p.initial_state_ptr : 0ull;
+    const unsigned long long dfp = p.has_dlast_state ? p.dlast_state_ptr : 0ull;
+    if (p.has_seq_idx && L > 0) seq_load<kKS>(p, dfp, seq_at(p, b, L - 1), d, j, live, g);
     float dD = 0.f, dbias = 0.f;
     const float* states = (const float*)p.states_ptr + ((long long)b * p.dim + d) * p.n_chunks * N;
     float* ws = (float*)p.workspace_ptr;
@@ -193,9 +197,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     // each tile starts those of the one before it as soon as its own inputs are converted.
     const int n_tiles = (L + T - 1) / T;
     float h_next[kKS];
+    SeqAhead sqa{0, 0, 0};  // packed sequences: seq_idx of the next tile's (the one before) steps
     for (int tile = n_tiles; tile >= 0; --tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
+        // Packed sequences: the steps of this tile that start one (tiles are at most 32 steps;
+        // from values loaded a tile ahead).
+        const unsigned bm = (p.has_seq_idx && tile < n_tiles) ? (unsigned)seq_starts(sqa, len) : 0u;
         if (tile < n_tiles) {
             cp_async_wait_all();
             __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
@@ -258,6 +266,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
             const unsigned fs = smem_u32(r_u);
             const int pt0 = t0 - T;
             const int plen = min(T, L - pt0);
+            if (p.has_seq_idx) sqa = seq_ahead(p, b, pt0, plen);
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
                 const int cc = i / (T / VEC), t = (i - cc * (T / VEC)) * VEC;
                 const int valid = cc < kch ? plen - t : 0;
@@ -291,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 dst[s] = 0.f;
                 if (live && n < N) {
                     if (tl > 0) dst[s] = states[(long long)(tl * (T / kChunk) - 1) * N + n];
-                    else if (p.has_initial_state) dst[s] = ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n];
+                    else if (p.has_initial_state && !p.has_seq_idx) dst[s] = ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n];
                 }
             }
         };
@@ -327,6 +336,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     const float4 u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + t]);
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
+                        if ((bm >> (t + k)) & 1u) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t + k), d, j, live, h);
                         const float dt = f4_at(dt4, k), dtu = dt * f4_at(u4, k);
                         float bb[kKS];
                         if constexpr (kPack) ld_b_packed<kInType, kKS>(s_BC + ((t + k) * (NP / kKS) + j) * 2 * kKS, bb);
@@ -352,6 +362,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
 #endif
         for (int sub = NSUB - 1; sub >= 0; --sub) {
             const int ts = sub * kTs;
+            const unsigned bsub = (bm >> ts) & ((1u << kTs) - 1);  // sequence starts in the sub-tile
             float hst[kKS], hs[kTs][kKS];
 #pragma unroll
             for (int s = 0; s < kKS; ++s) {
@@ -385,11 +396,15 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
 #endif
                     }
+                    // A sequence starts at t: the state before it is its initial state (or 0).
+                    const bool rs = (bsub >> i) & 1u;
+                    float hr[kKS];
+                    if (rs) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t), d, j, live, hr);
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
                         const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
-                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        const float hp = rs ? hr[s] : i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
                         hs[i][s] = fmaf(ex2(dt * A2[s]), hp, dtu * B_);
                         acc = fmaf(C_, hs[i][s], acc);
                     }
@@ -435,6 +450,9 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float sdu = 0.f, sdt = 0.f;
                     float vbc[2 * kKS], bb[kKS], cv[kKS];
+                    const bool rs = (bsub >> i) & 1u;
+                    float hr[kKS];
+                    if (rs) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t), d, j, live, hr);
                     if constexpr (kPack) {
                         ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
                     } else {
@@ -450,7 +468,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
                         const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
-                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        const float hp = rs ? hr[s] : i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
                         const float a = ex2(dt * A2[s]);
                         const float gl = fmaf(C_, dy, g[s]);
                         const float ga = gl * a;
@@ -463,6 +481,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         if (!VAR_B) dBf[s] += vbc[s];
                         if (!VAR_C) dCf[s] += vbc[kKS + s];
                         g[s] = ga;
+                    }
+                    if (rs) {
+                        // g is now the gradient of the starting sequence's initial state; before
+                        // t lies the previous sequence, whose final state has its own gradient.
+                        const int gs = t0 + t;
+                        seq_store<kKS>(p, p.dinitial_state_ptr, seq_at(p, b, gs), d, j, live, g);
+                        seq_load<kKS>(p, dfp, seq_at(p, b, gs - 1), d, j, live, g);
                     }
                     if (kVarB || kVarC) {
                         if constexpr (MC > 1 && kShfl) {
@@ -620,7 +645,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                 slot[n] = dA[s];
                 slot[N + n] = dBf[s];
                 slot[2 * N + n] = dCf[s];
-                if (p.dinitial_state_ptr) ((float*)p.dinitial_state_ptr)[((long long)b * p.dim + d) * N + n] = g[s];
+                if (p.dinitial_state_ptr && !p.has_seq_idx) ((float*)p.dinitial_state_ptr)[((long long)b * p.dim + d) * N + n] = g[s];
             }
         }
         if (j == 0) {

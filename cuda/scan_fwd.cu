@@ -104,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             s_fB[s] = Bf[s];
             s_fC[s] = Cf[s];
         }
-        h[s] = (p.has_initial_state && ok)
+        h[s] = (p.has_initial_state && !p.has_seq_idx && ok)
                    ? ((const float*)p.initial_state_ptr)[((long long)b * p.dim + d) * N + n]
                    : 0.f;
     }
@@ -137,9 +137,13 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     // Tile -1 only starts the copies of tile 0; each tile starts those of the next one as soon
     // as its own raw inputs are converted.
     const int n_tiles = (L + T - 1) / T;
+    SeqAhead sqa{0, 0, 0};  // packed sequences: seq_idx of the next tile's steps
     for (int tile = -1; tile < n_tiles; ++tile) {
         const int t0 = tile * T;
         const int len = min(T, L - t0);
+        // Packed sequences: the steps of this tile that start one (from values loaded a tile
+        // ahead).
+        unsigned long long bm = (p.has_seq_idx && tile >= 0) ? seq_starts(sqa, len) : 0ull;
         if (tile >= 0) {
             cp_async_wait_all();
             __syncthreads();  // this tile's raw inputs are in; the previous output tile is stored
@@ -203,6 +207,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             // Start the copies of the next tile's raw inputs.
             const int nt0 = t0 + T;
             const int nlen = min(T, L - nt0);
+            if (p.has_seq_idx) sqa = seq_ahead(p, b, nt0, nlen);
             if constexpr (kG >= 4) {
 #pragma unroll
                 for (int f = 0; f < FS; ++f) {
@@ -242,6 +247,15 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
         // unit's outputs at once (kHold false), which also bounds the hoisting.
         typedef RS<kU, kG> R;
         constexpr bool kHold = kG >= 4;
+        // The scan is built twice, with the packed-sequence restart test and without: a tile
+        // where no sequence starts after its first step runs the plain loop (no per-step test;
+        // a start at the first step, as every row's first tile has, is done before it).
+        if (bm & 1ull) {
+            seq_restart<kKS>(p, seq_at(p, b, t0 - 1), seq_at(p, b, t0), d, j, live, h);
+            bm &= ~1ull;
+        }
+        const auto scan_tile = [&](auto vl) {
+        constexpr bool VL = decltype(vl)::value;
 #pragma unroll 1
         for (int tc = 0; tc < T; tc += kChunk) {
             float yb[kHold ? kChunk / kU : 1][R::R];
@@ -267,6 +281,12 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                             if (VAR_B) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
                             if (VAR_C) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
 #endif
+                        }
+                        if constexpr (VL) {
+                            if ((bm >> (t + q + k)) & 1ull) {
+                                const int gs = t0 + t + q + k;
+                                seq_restart<kKS>(p, seq_at(p, b, gs - 1), seq_at(p, b, gs), d, j, live, h);
+                            }
                         }
                         float acc = 0.f;
 #pragma unroll
@@ -313,6 +333,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                 }
             }
         }
+        };
+        if (bm) scan_tile(BoolC<true>());
+        else scan_tile(BoolC<false>());
         __syncthreads();
         // Epilogue, vectorised over the block: D skip, z gate, conversion, 8- / 16-byte stores.
         for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
@@ -337,4 +360,6 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
             }
         }
     }
+    // Packed sequences: the state after the row's last step is its last sequence's final state.
+    if (p.has_seq_idx && L > 0) seq_store<kKS>(p, p.final_states_ptr, seq_at(p, b, L - 1), d, j, live, h);
 }

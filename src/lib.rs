@@ -136,7 +136,11 @@ impl Inputs {
 
     /// Packed sequences: seq_idx (an int32 tensor's capsule, or None) and the rows of the
     /// per-sequence states (-1: none).
-    fn with_seq_idx(mut self, seq_idx: Option<&Bound<'_, PyAny>>, num_seqs: i64) -> PyResult<Inputs> {
+    fn with_seq_idx(
+        mut self,
+        seq_idx: Option<&Bound<'_, PyAny>>,
+        num_seqs: i64,
+    ) -> PyResult<Inputs> {
         if let Some(o) = seq_idx.filter(|o| !o.is_none()) {
             // SAFETY: `o` is a live object borrowed under the GIL for the duration of this call.
             self.seq_idx = Some(unsafe { dlpack::int_view_from_capsule(o.as_ptr(), "seq_idx") }?);

@@ -48,12 +48,13 @@ def make_inputs(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32, devic
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, initial_state=h0)
 
 
-def _run(fn, inputs, softplus, last, grads_out):
+def _run(fn, inputs, softplus, last, grads_out, extra=None):
     leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None)
               for k, v in inputs.items()}  # fmt: skip
     kw = dict(leaves)
     h0 = kw.pop("initial_state")
-    res = fn(**kw, delta_softplus=softplus, return_last_state=last, initial_state=h0)
+    res = fn(**kw, delta_softplus=softplus, return_last_state=last, initial_state=h0,
+             **(extra or {}))  # fmt: skip
     out, ls = res if last else (res, None)
     loss = (out.double() * grads_out["out"]).sum()
     if last:
@@ -73,21 +74,27 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label=""):
+def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="", seq_idx=None,
+                 num_seqs=None):  # fmt: skip
     """flash-attention's rule: the kernel's error against float64 is at most twice the error of
     the same-precision PyTorch reference against float64 (plus a floor of a few float32 ulps of
-    the result's magnitude, for results the same-precision reference gets exactly)."""
+    the result's magnitude, for results the same-precision reference gets exactly). With
+    ``seq_idx`` (packed sequences) last_state is per sequence: (num_seqs, dim, dstate)."""
     u = inputs["u"]
     batch, dim, seqlen = u.shape
     dstate = inputs["A"].shape[1]
     gen = torch.Generator().manual_seed(123)
+    rows_last = batch if seq_idx is None else num_seqs
     grads_out = {
         "out": torch.randn(batch, dim, seqlen, generator=gen, dtype=torch.float64).to(u.device),
-        "last": torch.randn(batch, dim, dstate, generator=gen, dtype=torch.float64).to(u.device),
+        "last": torch.randn(rows_last, dim, dstate, generator=gen, dtype=torch.float64).to(
+            u.device
+        ),
     }
-    ref64 = _run(selective_scan_ref, upcast(inputs), softplus, last, grads_out)
-    refpt = _run(selective_scan_ref, inputs, softplus, last, grads_out)
-    ours = _run(fn, inputs, softplus, last, grads_out)
+    extra = None if seq_idx is None else {"seq_idx": seq_idx, "num_seqs": num_seqs}
+    ref64 = _run(selective_scan_ref, upcast(inputs), softplus, last, grads_out, extra)
+    refpt = _run(selective_scan_ref, inputs, softplus, last, grads_out, extra)
+    ours = _run(fn, inputs, softplus, last, grads_out, extra)
     rows = []
     names = ["out", "last_state"] + [f"d{k}" for k in GRAD_NAMES]
     vals = [(ref64[0], refpt[0], ours[0]), (ref64[1], refpt[1], ours[1])] + [

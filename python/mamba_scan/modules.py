@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._native import ShapeError
 from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_inner import mamba_inner_fn
-from .ops.selective_scan import selective_scan_fn
+from .ops.selective_scan import selective_scan_fn, seq_idx_from_cu_seqlens
 from .ops.state_update import selective_state_update
 
 
@@ -62,9 +63,28 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(di, d_model, bias=bias, **fk)
 
-    def forward(self, hidden_states, inference_params=None):
-        """hidden_states: (batch, seqlen, d_model) -> same shape."""
+    def forward(self, hidden_states, inference_params=None, seq_idx=None, cu_seqlens=None):
+        """hidden_states: (batch, seqlen, d_model) -> same shape.
+
+        Packed sequences (training): ``seq_idx`` (batch, seqlen) int32 marks which sequence each
+        step belongs to (the conv and the scan restart where it changes; -1 is padding), or
+        ``cu_seqlens`` (num_seqs + 1,) gives the cumulative lengths of sequences packed back to
+        back in a batch of one row."""
         batch, seqlen, _ = hidden_states.shape
+        if cu_seqlens is not None:
+            if seq_idx is not None:
+                raise ValueError("seq_idx, cu_seqlens: give one of them, not both")
+            if batch != 1:
+                raise ShapeError(
+                    f"cu_seqlens: sequences are packed into one row, so hidden_states must have "
+                    f"batch 1; got {batch} (or pass seq_idx (batch, seqlen))"
+                )
+            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, seqlen)
+        if seq_idx is not None and inference_params is not None:
+            raise ValueError(
+                "seq_idx: packed sequences are for training and prefill without a cache; with "
+                "inference_params give each sequence its own batch row"
+            )
         conv_state = ssm_state = None
         if inference_params is not None:
             conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
@@ -82,11 +102,13 @@ class Mamba(nn.Module):
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias,
                                   A, None, None, _f32(self.D),
-                                  delta_bias=_f32(self.dt_proj.bias), delta_softplus=True)  # fmt: skip
+                                  delta_bias=_f32(self.dt_proj.bias), delta_softplus=True,
+                                  seq_idx=seq_idx)  # fmt: skip
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))
-        x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+                             activation="silu")  # fmt: skip
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(-1, self.d_inner))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (self.dt_proj.weight @ dt.t()).view(-1, batch, seqlen).transpose(0, 1)
@@ -94,7 +116,7 @@ class Mamba(nn.Module):
         C = C.view(batch, seqlen, -1).transpose(1, 2).contiguous()
         y = selective_scan_fn(x, dt.contiguous(), A, B, C, _f32(self.D), z=z,
                               delta_bias=_f32(self.dt_proj.bias), delta_softplus=True,
-                              return_last_state=ssm_state is not None)  # fmt: skip
+                              return_last_state=ssm_state is not None, seq_idx=seq_idx)  # fmt: skip
         if ssm_state is not None:
             y, last = y
             ssm_state.copy_(last)

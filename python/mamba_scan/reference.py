@@ -317,17 +317,18 @@ def mamba_inner_composition(conv_fn, scan_fn, xz, conv1d_weight, conv1d_bias, x_
                             delta_proj_weight, out_proj_weight, out_proj_bias, A, B=None, C=None,
                             D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
                             delta_softplus=True, b_rms_weight=None, c_rms_weight=None,
-                            dt_rms_weight=None, b_c_dt_rms_eps=1e-6):  # fmt: skip
+                            dt_rms_weight=None, b_c_dt_rms_eps=1e-6, seq_idx=None):  # fmt: skip
     """mamba_ssm's Mamba-1 mixer (``mamba_inner_fn``) written out: conv1d + silu, x_proj,
     dt_proj (optional RMS norms of dt, B, C), the selective scan gated by z, out_proj. ``conv_fn``
     and ``scan_fn`` have the signatures of ``causal_conv1d_ref`` and ``selective_scan_ref``;
     autograd flows through all of it. xz: (batch, 2 d_inner, seqlen); returns (batch, seqlen,
-    d_model)."""
+    d_model). ``seq_idx`` (packed sequences) goes to both the conv and the scan."""
     L = xz.shape[-1]
+    sq = {} if seq_idx is None else {"seq_idx": seq_idx}
     d_state = A.shape[-1]
     dt_rank = delta_proj_weight.shape[1]
     x, z = xz.chunk(2, dim=1)
-    x = conv_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
+    x = conv_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu", **sq)
     x_dbl = F.linear(x.transpose(1, 2).reshape(-1, x.shape[1]), x_proj_weight)  # (b l, r + 2n)
     delta = (delta_proj_weight @ x_dbl[:, :dt_rank].t()).view(-1, xz.shape[0], L).transpose(0, 1)
     if dt_rms_weight is not None:
@@ -347,7 +348,7 @@ def mamba_inner_composition(conv_fn, scan_fn, xz, conv1d_weight, conv1d_bias, x_
             C = _rms_norm(C, c_rms_weight, b_c_dt_rms_eps)
         C = C.view(xz.shape[0], L, d_state).transpose(1, 2).contiguous()
     y = scan_fn(x, delta.contiguous(), A, B, C, D, z=z, delta_bias=delta_bias,
-                          delta_softplus=delta_softplus)  # fmt: skip
+                delta_softplus=delta_softplus, **sq)  # fmt: skip
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
@@ -355,11 +356,12 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
                     out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
                     B_proj_bias=None, C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1,
                     b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
-                    b_c_dt_rms_eps=1e-6):  # fmt: skip
+                    b_c_dt_rms_eps=1e-6, *, seq_idx=None):  # fmt: skip
     """``mamba_inner_fn`` in pure PyTorch (``causal_conv1d_ref`` and ``selective_scan_ref``);
     ``checkpoint_lvl`` only changes memory, not values, and is ignored here."""
     return mamba_inner_composition(
         causal_conv1d_ref, selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight,
         delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
         C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+        seq_idx=seq_idx,
     )  # fmt: skip

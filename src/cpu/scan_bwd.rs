@@ -441,7 +441,14 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                             if s.bnd[t] {
                                 let o = t * np;
                                 let v = s.seq[t + 1];
-                                store_seq_state(p, wd, p.dinitial_state_ptr, v, d, &s.rdh0[o..o + np]);
+                                store_seq_state(
+                                    p,
+                                    wd,
+                                    p.dinitial_state_ptr,
+                                    v,
+                                    d,
+                                    &s.rdh0[o..o + np],
+                                );
                             }
                         }
                     } else {
@@ -449,7 +456,9 @@ unsafe fn bwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                             1 => chan_chunk::<R, 1, VB, VC, FMA, false>(1, len, j, s, has_z),
                             2 => chan_chunk::<R, 2, VB, VC, FMA, false>(2, len, j, s, has_z),
                             3 | 4 => chan_chunk::<R, 4, VB, VC, FMA, false>(nblk, len, j, s, has_z),
-                            _ => chan_chunk::<R, MAX_NB, VB, VC, FMA, false>(nblk, len, j, s, has_z),
+                            _ => {
+                                chan_chunk::<R, MAX_NB, VB, VC, FMA, false>(nblk, len, j, s, has_z)
+                            }
                         }
                     }
                     // delta's gradient through the bias and softplus.

@@ -585,7 +585,10 @@ unsafe fn fwd_block<R: Real, const VB: bool, const VC: bool, const FMA: bool>(
                             e += 1;
                         }
                     }
-                    let (bt, ct) = (&bt[if VB { a * np } else { 0 }..], &ct[if VC { a * np } else { 0 }..]);
+                    let (bt, ct) = (
+                        &bt[if VB { a * np } else { 0 }..],
+                        &ct[if VC { a * np } else { 0 }..],
+                    );
                     let (dt, u, y) = (&s.dt[a..e], &s.u[a..e], &mut s.y[a..e]);
                     match nblk {
                         1 => scan_steps::<R, 1, VB, VC, FMA>(1, a2, bt, bf, ct, cf, dt, u, y, h),

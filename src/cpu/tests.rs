@@ -128,6 +128,7 @@ impl Case {
             Some(&FwdOut {
                 out: &ov,
                 states: &sv,
+                final_states: None,
             }),
         )
         .unwrap();
@@ -155,6 +156,8 @@ fn fwd_args(v: &[TensorView; 8], chunk: i32) -> FwdArgs<'_> {
         initial_state: Some(&v[7]),
         delta_softplus: true,
         chunk_size: chunk,
+        seq_idx: None,
+        num_seqs: -1,
     }
 }
 
@@ -209,6 +212,7 @@ fn backward_matches_finite_differences() {
             Some(&FwdOut {
                 out: &ov,
                 states: &sv,
+                final_states: None,
             }),
         )
         .unwrap();
@@ -294,6 +298,8 @@ fn mixed_devices_are_rejected_before_any_access() {
         initial_state: None,
         delta_softplus: false,
         chunk_size: 4,
+        seq_idx: None,
+        num_seqs: -1,
     };
     let err = plan_forward(&args, None).unwrap_err().to_string();
     assert_eq!(

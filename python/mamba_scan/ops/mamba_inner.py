@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import mamba_inner_composition
 from .conv1d import causal_conv1d_fn, conv_backward, conv_forward, kernel_ok
-from .selective_scan import _backward, _forward, _prepare, selective_scan_fn
+from .selective_scan import _backward, _forward, _prepare, _prepare_seq, selective_scan_fn
 
 
 def _bias_grad(g, dtype):
@@ -30,7 +30,7 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                 out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
-                C_proj_bias, delta_softplus, checkpoint_lvl):  # fmt: skip
+                C_proj_bias, delta_softplus, checkpoint_lvl, seq_idx=None):  # fmt: skip
         batch, two_d, L = xz.shape
         d = two_d // 2
         n = A.shape[-1]
@@ -39,7 +39,7 @@ class MambaInnerFn(torch.autograd.Function):
             xz = xz.contiguous()
         x, z = xz[:, :d], xz[:, d:]
         w = conv1d_weight.squeeze(1)
-        conv_out, _ = conv_forward(x, w, conv1d_bias, None, None, True)
+        conv_out, _ = conv_forward(x, w, conv1d_bias, seq_idx, None, True)
         # (b l, r + 2n): the input-dependent dt, B and C of every step.
         x_dbl = F.linear(conv_out.transpose(1, 2).reshape(batch * L, d), x_proj_weight)
         delta = (delta_proj_weight @ x_dbl[:, :r].t()).view(d, batch, L).transpose(0, 1)
@@ -59,7 +59,8 @@ class MambaInnerFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, _ = _prepare(
             conv_out, delta, A, B, C, D, z, delta_bias, None
         )
-        out_z, states = _forward(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus)
+        out_z, states = _forward(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus,
+                                 seq_idx)  # fmt: skip
         out = F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
         ctx.lvl = checkpoint_lvl
         ctx.var_b, ctx.var_c = var_b, var_c
@@ -71,13 +72,14 @@ class MambaInnerFn(torch.autograd.Function):
             u, delta = None, None  # recomputed in the backward
         ctx.save_for_backward(xz, conv1d_weight, conv1d_bias, x_dbl, x_proj_weight,
                               delta_proj_weight, out_proj_weight, A, B, C, D, delta_bias,
-                              states, out_z, u, delta)  # fmt: skip
+                              states, out_z, u, delta, seq_idx)  # fmt: skip
         return out
 
     @staticmethod
     def backward(ctx, dout):
         (xz, conv1d_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight,
-         out_proj_weight, A, B, C, D, delta_bias, states, out_z, u, delta) = ctx.saved_tensors  # fmt: skip
+         out_proj_weight, A, B, C, D, delta_bias, states, out_z, u, delta,
+         seq_idx) = ctx.saved_tensors  # fmt: skip
         batch, two_d, L = xz.shape
         d = two_d // 2
         n = A.shape[-1]
@@ -85,7 +87,7 @@ class MambaInnerFn(torch.autograd.Function):
         x, z = xz[:, :d], xz[:, d:]
         w = conv1d_weight.squeeze(1)
         if u is None:  # checkpoint_lvl 1: recompute the conv output and delta
-            u, _ = conv_forward(x, w, conv1d_bias, None, None, True)
+            u, _ = conv_forward(x, w, conv1d_bias, seq_idx, None, True)
             delta = (delta_proj_weight @ x_dbl[:, :r].t()).view(d, batch, L).transpose(0, 1)
         dout2 = dout.reshape(batch * L, -1)
         # out = out_z^T W_out^T + b: gradients of the projection, then of the scan.
@@ -100,7 +102,7 @@ class MambaInnerFn(torch.autograd.Function):
         du2 = torch.empty(d, batch * L, device=u.device, dtype=u.dtype)
         du, ddelta, dA, dB, dC, dD, _, ddelta_bias, _ = _backward(
             u, delta, A, B, C, D, z, delta_bias, None, states, dy, None, ctx.delta_softplus,
-            du=du2.view(d, batch, L).transpose(0, 1), dz=dz,
+            du=du2.view(d, batch, L).transpose(0, 1), dz=dz, seq_idx=seq_idx,
         )  # fmt: skip
         # x_dbl = u^T W_x^T: its gradient collects ddelta (through W_dt), and dB / dC when
         # they are input-dependent.
@@ -126,22 +128,26 @@ class MambaInnerFn(torch.autograd.Function):
         # dconv = du + W_x^T dx_dbl^T, accumulated into du's (d, b l) storage.
         du2.addmm_(x_proj_weight.t().to(du2.dtype), dx_dbl.t().to(du2.dtype))
         dconv = du
-        _, dw, db, _ = conv_backward(x, w, conv1d_bias, None, None, dconv, None, True,
+        _, dw, db, _ = conv_backward(x, w, conv1d_bias, seq_idx, None, dconv, None, True,
                                      dx=dxz[:, :d])  # fmt: skip
         return (dxz, dw.view_as(conv1d_weight), db, dx_proj_weight, ddelta_proj_weight,
                 dout_proj_weight, dout_proj_bias, dA, dB, dC, dD, ddelta_bias, dB_proj_bias,
-                dC_proj_bias, None, None)  # fmt: skip
+                dC_proj_bias, None, None, None)  # fmt: skip
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                    out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
                    B_proj_bias=None, C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1,
                    b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
-                   b_c_dt_rms_eps=1e-6):  # fmt: skip
+                   b_c_dt_rms_eps=1e-6, *, seq_idx=None):  # fmt: skip
     """xz: (batch, 2 d_inner, seqlen); conv1d_weight: (d_inner, 1, width); x_proj_weight:
     (dt_rank + 2 d_state, d_inner); delta_proj_weight: (d_inner, dt_rank); out_proj_weight:
     (d_model, d_inner); A: (d_inner, d_state); B / C None for input-dependent B / C (from
-    x_proj), else fixed. Returns (batch, seqlen, d_model)."""
+    x_proj), else fixed. Returns (batch, seqlen, d_model).
+
+    seq_idx (mamba-scan extension): (batch, seqlen) int32, sequences packed along the rows; the
+    conv and the scan both restart where it changes (causal-conv1d's and selective_scan_fn's
+    convention; -1 marks padding)."""
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl: expected 0 or 1; got {checkpoint_lvl}")
     if A.is_complex():
@@ -152,6 +158,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
             w.to(dt) for w in (x_proj_weight, delta_proj_weight, out_proj_weight)
         )
         out_proj_bias = out_proj_bias.to(dt) if out_proj_bias is not None else None
+    if seq_idx is not None:
+        seq_idx = _prepare_seq(seq_idx, xz)
     if (
         b_rms_weight is None
         and c_rms_weight is None
@@ -161,9 +169,9 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight,
                                   delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D,
                                   delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
-                                  checkpoint_lvl)  # fmt: skip
+                                  checkpoint_lvl, seq_idx)  # fmt: skip
     return mamba_inner_composition(
         causal_conv1d_fn, selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
         out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
-        b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+        b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps, seq_idx=seq_idx,
     )  # fmt: skip

@@ -153,16 +153,17 @@ def _last_state(states, final, return_last_state):
     return final if final is not None else states[:, :, -1].clone()
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    """:func:`_forward_impl` without packed sequences, through the custom op when traced
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, seq_idx=None):
+    """:func:`_forward_impl` (no per-sequence states), through the custom op when traced
     (torch.compile, export): (out, states)."""
     if tracing():
         out, states, _ = torch.ops.mamba_scan.selective_scan_fwd(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), False
-        )
+            u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), False,
+            seq_idx, -1,
+        )  # fmt: skip
         return out, states
     out, states, _ = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                   delta_softplus)  # fmt: skip
+                                   delta_softplus, seq_idx)  # fmt: skip
     return out, states
 
 
@@ -257,15 +258,15 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
 
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
-              delta_softplus, du=None, dz=None):  # fmt: skip
-    """:func:`_backward_impl`, through the custom op when traced (the given ``du`` / ``dz``
-    then receive copies of the op's fresh gradients)."""
+              delta_softplus, du=None, dz=None, seq_idx=None):  # fmt: skip
+    """:func:`_backward_impl` (no per-sequence states), through the custom op when traced (the
+    given ``du`` / ``dz`` then receive copies of the op's fresh gradients)."""
     if not tracing():
         return _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout,
-                              dlast, delta_softplus, du, dz)  # fmt: skip
+                              dlast, delta_softplus, du, dz, seq_idx=seq_idx)  # fmt: skip
     g = list(torch.ops.mamba_scan.selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
-        bool(delta_softplus),
+        bool(delta_softplus), seq_idx, -1,
     ))  # fmt: skip
     for i, x in ((5, D), (6, z), (7, delta_bias), (8, initial_state)):
         if x is None:
