@@ -151,6 +151,12 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     float* s_bias = (float*)(r_C + (kVarC ? NP * RT : 0));
     for (int i = threadIdx.x; i < rows; i += blockDim.x)
         s_bias[i] = (p.has_delta_bias && i < kch) ? ((const float*)p.delta_bias_ptr)[d0 + i] : 0.f;
+    // Packed sequences: per step of the tile, 0, or -inf where a sequence starts inside the
+    // tile: the decay there is ex2(dt A log2 e + off) = 0, so the state restarts from 0 with no
+    // branch in the scans (the gradients through that decay vanish with it). Rewritten per
+    // tile only with seq_idx.
+    float* s_off = s_bias + rows;
+    for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = 0.f;
 
     const long long ub = (long long)b;
     const in_t* u = (const in_t*)p.u_ptr + ub * p.u_batch_stride;
@@ -203,10 +209,18 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         const int len = min(T, L - t0);
         // Packed sequences: the steps of this tile that start one (tiles are at most 32 steps;
         // from values loaded a tile ahead).
-        const unsigned bm = (p.has_seq_idx && tile < n_tiles) ? (unsigned)seq_starts(sqa, len) : 0u;
+        // A start at the tile's first step (every row's first tile has one) is handled around
+        // the tile's work: its initial state is the tile's start state, and its gradient is g
+        // after the tile. Starts inside the tile restart from 0 through s_off; per-sequence
+        // states there are not taken (the Python side refuses such calls).
+        const unsigned bm0 = (p.has_seq_idx && tile < n_tiles) ? (unsigned)seq_starts(sqa, len) : 0u;
+        const unsigned bm = bm0 & ~1u;
         if (tile < n_tiles) {
             cp_async_wait_all();
             __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
+            if (p.has_seq_idx) {
+                for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = ((bm >> i) & 1u) ? __int_as_float(0xff800000) : 0.f;
+            }
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
                 const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
                 const int valid = cc < kch ? len : 0;  // elements at positions < valid are real
@@ -324,6 +338,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
             } else {
                 start_state(tile, hb[0]);
             }
+            if (bm0 & 1u) seq_load<kKS>(p, h0p, seq_at(p, b, t0), d, j, live, hb[0]);
 #pragma unroll
             for (int sub = 1; sub < NSUB; ++sub) {
                 float h[kKS];
@@ -336,7 +351,6 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     const float4 u4 = *reinterpret_cast<const float4*>(&s_u[c * TP + t]);
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
-                        if ((bm >> (t + k)) & 1u) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t + k), d, j, live, h);
                         const float dt = f4_at(dt4, k), dtu = dt * f4_at(u4, k);
                         float bb[kKS];
                         if constexpr (kPack) ld_b_packed<kInType, kKS>(s_BC + ((t + k) * (NP / kKS) + j) * 2 * kKS, bb);
@@ -346,7 +360,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         else if (VAR_B) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
 #endif
 #pragma unroll
-                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * (VAR_B || kGeneric ? bb[s] : Bf[s]));
+                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(fmaf(dt, A2[s], s_off[t + k])), h[s], dtu * (VAR_B || kGeneric ? bb[s] : Bf[s]));
                     }
                 }
 #pragma unroll
@@ -362,7 +376,6 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
 #endif
         for (int sub = NSUB - 1; sub >= 0; --sub) {
             const int ts = sub * kTs;
-            const unsigned bsub = (bm >> ts) & ((1u << kTs) - 1);  // sequence starts in the sub-tile
             float hst[kKS], hs[kTs][kKS];
 #pragma unroll
             for (int s = 0; s < kKS; ++s) {
@@ -396,16 +409,13 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
 #endif
                     }
-                    // A sequence starts at t: the state before it is its initial state (or 0).
-                    const bool rs = (bsub >> i) & 1u;
-                    float hr[kKS];
-                    if (rs) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t), d, j, live, hr);
+                    const float off = s_off[t];
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
                         const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
-                        const float hp = rs ? hr[s] : i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
-                        hs[i][s] = fmaf(ex2(dt * A2[s]), hp, dtu * B_);
+                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        hs[i][s] = fmaf(ex2(fmaf(dt, A2[s], off)), hp, dtu * B_);
                         acc = fmaf(C_, hs[i][s], acc);
                     }
                     pacc[k] = acc;
@@ -450,9 +460,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float sdu = 0.f, sdt = 0.f;
                     float vbc[2 * kKS], bb[kKS], cv[kKS];
-                    const bool rs = (bsub >> i) & 1u;
-                    float hr[kKS];
-                    if (rs) seq_load<kKS>(p, h0p, seq_at(p, b, t0 + t), d, j, live, hr);
+                    const float off = s_off[t];
                     if constexpr (kPack) {
                         ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
                     } else {
@@ -468,8 +476,8 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
                         const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
-                        const float hp = rs ? hr[s] : i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
-                        const float a = ex2(dt * A2[s]);
+                        const float hp = i == 0 ? hst[s] : hs[i == 0 ? 0 : i - 1][s];
+                        const float a = ex2(fmaf(dt, A2[s], off));
                         const float gl = fmaf(C_, dy, g[s]);
                         const float ga = gl * a;
                         const float gah = ga * hp;
@@ -481,13 +489,6 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         if (!VAR_B) dBf[s] += vbc[s];
                         if (!VAR_C) dCf[s] += vbc[kKS + s];
                         g[s] = ga;
-                    }
-                    if (rs) {
-                        // g is now the gradient of the starting sequence's initial state; before
-                        // t lies the previous sequence, whose final state has its own gradient.
-                        const int gs = t0 + t;
-                        seq_store<kKS>(p, p.dinitial_state_ptr, seq_at(p, b, gs), d, j, live, g);
-                        seq_load<kKS>(p, dfp, seq_at(p, b, gs - 1), d, j, live, g);
                     }
                     if (kVarB || kVarC) {
                         if constexpr (MC > 1 && kShfl) {
@@ -611,6 +612,10 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     __syncthreads();
                 }
             }
+        }
+        if (bm0 & 1u) {
+            seq_store<kKS>(p, p.dinitial_state_ptr, seq_at(p, b, t0), d, j, live, g);
+            seq_load<kKS>(p, dfp, seq_at(p, b, t0 - 1), d, j, live, g);
         }
         dD += dDc;
         dbias += dbc;

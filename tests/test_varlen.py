@@ -56,15 +56,21 @@ def per_seq_h0(num_seqs, dim, dstate, device, gen):
 def test_varlen_parity(device, dtype, b_mode, c_mode, has_h0):
     """Random boundaries (lengths 1..70: many inside one tile, some across tile and chunk edges),
     padding at the end of a row; output, per-sequence final states and every gradient against
-    float64 by the parity rule."""
+    float64 by the parity rule. The CUDA backward takes per-sequence states only where
+    sequences start at multiples of its tile: there the random layout runs without states, and
+    an aligned layout (32-step multiples) with them."""
     gen = torch.Generator().manual_seed(hash((dtype, b_mode, c_mode, has_h0)) % 1000)
     seqlen = 300
     seq, ns = make_seq_idx(2, seqlen, gen, pad=5, max_len=70)
+    states = device == "cpu"
+    if device == "cuda" and has_h0:
+        seq, ns = from_lengths([[32, 96, 64, 32, 76], [64, 64, 172]], seqlen)
+        states = True
     inp = make_inputs(batch=2, dim=8, seqlen=seqlen, dstate=16, dtype=DTYPES[dtype],
                       device=device, b_mode=b_mode, c_mode=c_mode, seed=3)  # fmt: skip
-    if has_h0:
+    if has_h0 and states:
         inp["initial_state"] = per_seq_h0(ns, 8, 16, device, gen)
-    check_parity(inp, seq_idx=seq.to(device), num_seqs=ns,
+    check_parity(inp, seq_idx=seq.to(device), num_seqs=ns, last=states,
                  label=f"{device} {dtype} B={b_mode} C={c_mode} h0={has_h0}")  # fmt: skip
 
 
@@ -78,8 +84,17 @@ def test_varlen_layouts(device, dstate):
     seqlen = max(sum(x) for x in lengths)
     seq, ns = from_lengths(lengths, seqlen)
     inp = make_inputs(batch=2, dim=4, seqlen=seqlen, dstate=dstate, device=device, seed=dstate)
-    inp["initial_state"] = per_seq_h0(ns, 4, dstate, device, gen)
-    check_parity(inp, seq_idx=seq.to(device), num_seqs=ns, label=f"{device} N={dstate}")
+    states = device == "cpu"
+    if states:
+        inp["initial_state"] = per_seq_h0(ns, 4, dstate, device, gen)
+    check_parity(inp, seq_idx=seq.to(device), num_seqs=ns, last=states,
+                 label=f"{device} N={dstate}")  # fmt: skip
+    if device == "cuda":
+        # Per-sequence states where sequences start at multiples of the tile (16 or 32 steps).
+        seq, ns = from_lengths([[32, 64, 32, 32], [96, 32, 32]], 160)
+        inp = make_inputs(batch=2, dim=4, seqlen=160, dstate=dstate, device=device, seed=dstate)
+        inp["initial_state"] = per_seq_h0(ns, 4, dstate, device, gen)
+        check_parity(inp, seq_idx=seq.to(device), num_seqs=ns, label=f"cuda aligned N={dstate}")
 
 
 def _grads(fn_out, leaves):
@@ -94,10 +109,11 @@ def _grads(fn_out, leaves):
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_equals_each_sequence_alone(device):
     """A packed row equals running each sequence alone with its own initial state: outputs,
-    final states and the gradients of every per-sequence input."""
+    final states and the gradients of every per-sequence input (on CUDA with sequences starting
+    at multiples of 32 steps, where its backward takes per-sequence states)."""
     dt = torch.float64 if device == "cpu" else torch.float32
     gen = torch.Generator().manual_seed(11)
-    lengths = [1, 45, 3, 100, 2]
+    lengths = [1, 45, 3, 100, 2] if device == "cpu" else [32, 64, 96, 1]
     L = sum(lengths)
     seq, ns = from_lengths([lengths], L)
     dim, N = 6, 16
@@ -167,8 +183,9 @@ def test_absent_and_padding(device):
     (padding) steps read and write no state; out-of-range numbers are padding on CUDA and an
     error on the CPU."""
     gen = torch.Generator().manual_seed(0)
-    seq = torch.tensor([[-1, -1, 2, 2, 2, 0, 0, -1]], dtype=torch.int32, device=device)
-    inp = make_inputs(batch=1, dim=4, seqlen=8, dstate=4, device=device)
+    seq = torch.tensor([[-1] * 32 + [2] * 64 + [0] * 32 + [-1] * 7], dtype=torch.int32,
+                       device=device)  # fmt: skip
+    inp = make_inputs(batch=1, dim=4, seqlen=135, dstate=4, device=device)
     h0 = per_seq_h0(4, 4, 4, device, gen).requires_grad_()
     kw = {k: v for k, v in inp.items() if k != "initial_state"}
     out, last = selective_scan_fn(**kw, delta_softplus=True, return_last_state=True,
@@ -296,3 +313,19 @@ def test_mamba_module_cu_seqlens(device, fast):
     torch.testing.assert_close(m(x, seq_idx=seq), out)
     with pytest.raises(ShapeError, match="cu_seqlens"):
         m(x.expand(2, -1, -1), cu_seqlens=cu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_states_inside_tiles_refused():
+    """The CUDA backward refuses per-sequence states where a sequence starts inside a tile
+    (a clear error, not a wrong gradient); without states any layout works."""
+    inp = make_inputs(batch=1, dim=4, seqlen=50, dstate=4, device="cuda")
+    kw = {k: v.requires_grad_() if v is not None and v.is_floating_point() else v
+          for k, v in inp.items() if k != "initial_state"}  # fmt: skip
+    seq = torch.tensor([[0] * 20 + [1] * 30], dtype=torch.int32, device="cuda")
+    h0 = torch.zeros(2, 4, 4, device="cuda", requires_grad=True)
+    out = selective_scan_fn(**kw, delta_softplus=True, initial_state=h0, seq_idx=seq)
+    with pytest.raises(NotImplementedError, match="multiple of"):
+        out.sum().backward()
+    out = selective_scan_fn(**kw, delta_softplus=True, seq_idx=seq)
+    out.sum().backward()

@@ -230,6 +230,24 @@ def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, du=Non
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
 
+def _check_cuda_state_starts(seq_idx, chunk):
+    """The CUDA backward takes per-sequence states (initial_state, gradients of the final
+    states) only where sequences start at multiples of its tile length: it restarts a sequence
+    inside a tile from 0 with no branch in its scans. Reads seq_idx back to the host."""
+    L = seq_idx.shape[1]
+    if L < 2:
+        return
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
+    pos = torch.arange(1, L, device=seq_idx.device)
+    if bool((starts & (pos % chunk != 0)).any()):
+        raise NotImplementedError(
+            f"seq_idx: on CUDA, gradients with per-sequence states (initial_state, or the final "
+            f"states used in the loss) need every sequence (and padding run) to start at a "
+            f"multiple of {chunk} steps; pad the packed sequences to that alignment, or run "
+            f"without per-sequence states (the CPU takes any layout)"
+        )
+
+
 def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
                    delta_softplus, du=None, dz=None, seq_idx=None, num_seqs=-1):  # fmt: skip
     """The fused backward (recomputes each chunk from its saved state): (du, ddelta, dA, dB, dC,
@@ -246,6 +264,8 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
     )
     if seq_idx is not None and dh0 is not None:
         dh0.zero_()  # written at each sequence's start; numbers that do not occur get 0
+    if seq_idx is not None and u.is_cuda and (initial_state is not None or dlast is not None):
+        _check_cuda_state_starts(seq_idx, chunk_size_for(u, A.shape[1]))
     _native.scan_bwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
