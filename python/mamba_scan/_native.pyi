@@ -25,6 +25,9 @@ def scan_fwd(
     delta_softplus: bool,
     chunk_size: int,
     stream: int = 0,
+    seq_idx: Any | None = None,
+    num_seqs: int = -1,
+    final_states: Any | None = None,
 ) -> None: ...
 def scan_bwd(
     u: Any,
@@ -51,6 +54,9 @@ def scan_bwd(
     delta_softplus: bool,
     chunk_size: int,
     stream: int = 0,
+    workspace: Any | None = None,
+    seq_idx: Any | None = None,
+    num_seqs: int = -1,
 ) -> None: ...
 def state_update(
     state: Any,
