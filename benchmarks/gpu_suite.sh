@@ -104,5 +104,6 @@ if has bench; then
   timeout "$T" python benchmarks/bench_cuda.py "${SRC[@]}" 2>&1 | tail -14
   timeout "$T" python benchmarks/bench_train.py "${ANC[@]}" 2>&1 | tail -6
   timeout "$T" python benchmarks/bench_decode.py "${ANC[@]}" 2>&1 | tail -10
+  timeout "$T" python benchmarks/bench_varlen.py 2>&1 | tail -8
 fi
 echo "results in $OUT"
