@@ -80,3 +80,30 @@ def test_batch_mode_and_all_pad(device):
     serving_scan(u, cache2, delta.clone(), A, B, C, cache_indices=torch.full((3,), -1,
                  device=device))  # fmt: skip
     assert torch.equal(cache2, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_update_vllm_keywords(device):
+    """selective_state_update with vLLM's pad_slot_id and out: the pad entry's state row is
+    untouched, the others updated as without padding, the output lands in out."""
+    from mamba_scan import selective_state_update
+
+    gen = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    state = mk(6, 4, 8)
+    x, dt, z = mk(3, 4), mk(3, 4), mk(3, 4)
+    A = -torch.rand(4, 8, generator=gen).to(device)
+    B, C = mk(3, 8), mk(3, 8)
+    idx = torch.tensor([5, 2, 0], device=device)
+    ref_state = state.clone()
+    ref = selective_state_update(ref_state, x, dt, A, B, C, z=z, dt_softplus=True,
+                                 state_batch_indices=idx)  # fmt: skip
+    st = state.clone()
+    out = torch.empty(3, 4, device=device)
+    got = selective_state_update(st, x, dt, A, B, C, z=z, dt_softplus=True,
+                                 state_batch_indices=idx, pad_slot_id=2, out=out)  # fmt: skip
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(st[2], state[2])  # the pad entry's slot
+    for i, slot in ((0, 5), (2, 0)):
+        torch.testing.assert_close(st[slot], ref_state[slot])
+        torch.testing.assert_close(out[i], ref[i])

@@ -14,7 +14,8 @@ _NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
-                           dt_softplus=False, state_batch_indices=None):  # fmt: skip
+                           dt_softplus=False, state_batch_indices=None, *, pad_slot_id=-1,
+                           out=None):  # fmt: skip
     """One decoding step: ``state`` is updated in place, ``out`` returned; the signature and
     semantics of ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``
     (see ``selective_state_update_ref``). Inference only (no autograd).
@@ -25,13 +26,30 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     negative entry is padding (state untouched, output 0), an entry past the state's batch gives
     a NaN output and touches nothing, and two entries naming one state row are the caller's
     error (the CPU path refuses them). Under torch.compile / export this is the custom op
-    ``mamba_scan::selective_state_update`` (mutates ``state``)."""
+    ``mamba_scan::selective_state_update`` (mutates ``state``).
+
+    vLLM's keywords: ``pad_slot_id`` marks padding entries of ``state_batch_indices`` (any
+    negative entry is padding too), and ``out``, when given, receives the output (and is
+    returned)."""
+    if state_batch_indices is not None and isinstance(state_batch_indices, torch.Tensor):
+        if pad_slot_id >= 0:
+            state_batch_indices = torch.where(
+                state_batch_indices == pad_slot_id,
+                torch.full_like(state_batch_indices, -1),
+                state_batch_indices,
+            )
     if tracing():
-        return torch.ops.mamba_scan.selective_state_update(
+        res = torch.ops.mamba_scan.selective_state_update(
             state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), state_batch_indices
         )
-    return _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                              state_batch_indices)  # fmt: skip
+    else:
+        res = _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                 state_batch_indices)  # fmt: skip
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != res.shape:
+            raise ShapeError(f"out: must be a tensor of shape {tuple(res.shape)}")
+        return out.copy_(res)
+    return res
 
 
 def _state_update_impl(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
