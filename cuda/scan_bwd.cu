@@ -208,11 +208,11 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         const int t0 = tile * T;
         const int len = min(T, L - t0);
         // Packed sequences: the steps of this tile that start one (tiles are at most 32 steps;
-        // from values loaded a tile ahead).
-        // A start at the tile's first step (every row's first tile has one) is handled around
-        // the tile's work: its initial state is the tile's start state, and its gradient is g
-        // after the tile. Starts inside the tile restart from 0 through s_off; per-sequence
-        // states there are not taken (the Python side refuses such calls).
+        // from values loaded a tile ahead). A start at the tile's first step (every row's first
+        // tile has one) is handled around the tile's work: its initial state is the tile's start
+        // state, and its gradient is g after the tile. Starts inside the tile restart from 0
+        // through s_off; per-sequence states there are not taken (the Python side refuses such
+        // calls).
         const unsigned bm0 = (p.has_seq_idx && tile < n_tiles) ? (unsigned)seq_starts(sqa, len) : 0u;
         const unsigned bm = bm0 & ~1u;
         if (tile < n_tiles) {

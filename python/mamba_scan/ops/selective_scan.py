@@ -259,19 +259,20 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
     dout = last_contiguous(dout)
     if dlast is not None:
         dlast = dlast.contiguous()
+    chunk = chunk_size_for(u, A.shape[1])
+    if seq_idx is not None and u.is_cuda and (initial_state is not None or dlast is not None):
+        _check_cuda_state_starts(seq_idx, chunk)
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _backward_outputs(
         u, delta, A, B, C, D, z, delta_bias, initial_state, du, dz
     )
     if seq_idx is not None and dh0 is not None:
         dh0.zero_()  # written at each sequence's start; numbers that do not occur get 0
-    if seq_idx is not None and u.is_cuda and (initial_state is not None or dlast is not None):
-        _check_cuda_state_starts(seq_idx, chunk_size_for(u, A.shape[1]))
     _native.scan_bwd(
         capsule(u), capsule(delta), capsule(A), capsule(B), capsule(C), capsule(D),
         capsule(z), capsule(delta_bias), capsule(initial_state), capsule(states),
         capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
         capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
-        capsule(dh0), bool(delta_softplus), chunk_size_for(u, A.shape[1]), stream_of(u),
+        capsule(dh0), bool(delta_softplus), chunk, stream_of(u),
         workspace=capsule(_workspace(u, A, B, C)), seq_idx=capsule(seq_idx), num_seqs=num_seqs,
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
