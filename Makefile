@@ -10,7 +10,7 @@ export UV_CACHE_DIR ?= $(abspath .uv-cache)
 STAMP := $(VENV)/.deps-stamp
 CLEAN_VENV := .venv-clean
 
-.PHONY: setup build run test test-rust test-py test-wheel lint bench clean
+.PHONY: setup build run test test-rust test-py pytest test-wheel wheel-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,25 +28,34 @@ build: $(STAMP)
 run: build
 	$(PY) -m mamba_scan
 
+# The Rust unit tests build in their own target directory, so that they can run beside the
+# release build of the wheel (`make test` runs the two at once: the release build keeps one
+# core busy for most of its time).
 test-rust:
-	PYO3_PYTHON=$(abspath $(PY)) cargo test
+	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests cargo test
 
-test-py: build
+test-py: build pytest
+
+pytest:
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider . -o testpaths=.
 
 # The wheel as a new user gets it: a fresh venv, `pip install` of the wheel alone (its declared
 # dependencies come from the index), then the README's quickstart.
-test-wheel: build
+test-wheel: build wheel-check
+
+wheel-check:
 	rm -rf $(CLEAN_VENV)
 	$(UV) venv -q --python python3 $(CLEAN_VENV)
 	$(UV) pip install -q --python $(CLEAN_VENV)/bin/python dist/mamba_scan-*.whl
 	cd /tmp && $(abspath $(CLEAN_VENV))/bin/python $(abspath tests/readme_quickstart.py) $(abspath README.md)
 
-test: $(STAMP) test-rust test-py test-wheel
+test: $(STAMP)
+	$(MAKE) -j2 test-rust build
+	$(MAKE) -j2 pytest wheel-check
 
 lint: $(STAMP)
 	cargo fmt --check
-	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --release --all-targets -- -D warnings
+	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/clippy cargo clippy --release --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benchmarks
 	$(VENV)/bin/ruff format --check python tests benchmarks
 

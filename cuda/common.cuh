@@ -410,7 +410,6 @@ __device__ __forceinline__ void st_states(float* dst, const float* v) {
 }
 
 // Packed sequences (p.has_seq_idx): the state restarts where seq_idx changes along a row.
-template <bool V> struct BoolC { static constexpr bool value = V; };
 
 // The seq_idx values a lane needs for the starts of the tile at nt0 (nlen <= 64 steps), loaded
 // a tile ahead so that their latency hides behind the current tile's scan: steps nt0 + lane and

@@ -60,6 +60,18 @@ __device__ __forceinline__ int part_at(int w, int which, int n, int ii) {
 // 4.86 to 4.56 ms and dstate 128 from 4.69 to 4.57, but the main shape (dstate 16) from 0.908 to
 // 0.918: there the selects of the reduce-scatter cost more instructions than the scratch's reads.
 // The Rust side sizes shared memory by the same rule (src/cuda/mod.rs, smem_bytes).
+// Packed sequences' restart offsets (0, or -inf where a sequence starts inside the tile): from
+// the tile's bit mask in a register (a select per step), or from a per-step table in shared
+// memory (a load per step). The mask costs the dense backward nothing on the H200; on sm_80 it
+// takes the main-shape kernels (three blocks per SM, 168 registers) to a 16-byte spill, so
+// there the table stays.
+#ifndef kBwdOffTable
+#if __CUDA_ARCH__ >= 900
+#define kBwdOffTable 0
+#else
+#define kBwdOffTable 1
+#endif
+#endif
 #ifndef kBwdSubUnroll
 #define kBwdSubUnroll 0
 #endif
@@ -151,12 +163,9 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     float* s_bias = (float*)(r_C + (kVarC ? NP * RT : 0));
     for (int i = threadIdx.x; i < rows; i += blockDim.x)
         s_bias[i] = (p.has_delta_bias && i < kch) ? ((const float*)p.delta_bias_ptr)[d0 + i] : 0.f;
-    // Packed sequences: per step of the tile, 0, or -inf where a sequence starts inside the
-    // tile: the decay there is ex2(dt A log2 e + off) = 0, so the state restarts from 0 with no
-    // branch in the scans (the gradients through that decay vanish with it). Rewritten per
-    // tile only with seq_idx.
-    float* s_off = s_bias + rows;
-    for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = 0.f;
+    float* s_off = s_bias + rows;  // the restart offsets' table (kBwdOffTable), T floats
+    if (kBwdOffTable)
+        for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = 0.f;
 
     const long long ub = (long long)b;
     const in_t* u = (const in_t*)p.u_ptr + ub * p.u_batch_stride;
@@ -211,15 +220,20 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
         // from values loaded a tile ahead). A start at the tile's first step (every row's first
         // tile has one) is handled around the tile's work: its initial state is the tile's start
         // state, and its gradient is g after the tile. Starts inside the tile restart from 0
-        // through s_off; per-sequence states there are not taken (the Python side refuses such
-        // calls).
+        // through an exponent offset; per-sequence states there are not taken (the Python side
+        // refuses such calls).
         const unsigned bm0 = (p.has_seq_idx && tile < n_tiles) ? (unsigned)seq_starts(sqa, len) : 0u;
         const unsigned bm = bm0 & ~1u;
+        // The offset of step t: 0, or -inf where a sequence starts inside the tile: the decay
+        // there is ex2(dt A log2 e + off) = 0, so the state restarts from 0 with no branch in the
+        // scans (the gradients through that decay vanish with it). off_at(m, i): bit i of the
+        // mask m (kBwdOffTable 0).
+        const auto off_at = [](unsigned m, int t) { return ((m >> t) & 1u) ? __int_as_float(0xff800000) : 0.f; };
         if (tile < n_tiles) {
             cp_async_wait_all();
             __syncthreads();  // this chunk's raw inputs are in; the previous results are stored
-            if (p.has_seq_idx) {
-                for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = ((bm >> i) & 1u) ? __int_as_float(0xff800000) : 0.f;
+            if (kBwdOffTable && p.has_seq_idx) {
+                for (int i = threadIdx.x; i < T; i += blockDim.x) s_off[i] = off_at(bm, i);
             }
             for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {
                 const int cc = i / (T / VEC), t = St::first(i - cc * (T / VEC));
@@ -360,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         else if (VAR_B) ld_states<kKS>(&s_B[(t + k) * NP + j * kKS], bb);
 #endif
 #pragma unroll
-                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(fmaf(dt, A2[s], s_off[t + k])), h[s], dtu * (VAR_B || kGeneric ? bb[s] : Bf[s]));
+                        for (int s = 0; s < kKS; ++s) h[s] = fmaf(ex2(fmaf(dt, A2[s], kBwdOffTable ? s_off[t + k] : off_at(bm, t + k))), h[s], dtu * (VAR_B || kGeneric ? bb[s] : Bf[s]));
                     }
                 }
 #pragma unroll
@@ -376,6 +390,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
 #endif
         for (int sub = NSUB - 1; sub >= 0; --sub) {
             const int ts = sub * kTs;
+            const unsigned bms = bm >> ts;  // the sub-tile's restart bits
             float hst[kKS], hs[kTs][kKS];
 #pragma unroll
             for (int s = 0; s < kKS; ++s) {
@@ -409,7 +424,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
 #endif
                     }
-                    const float off = s_off[t];
+                    const float off = kBwdOffTable ? s_off[t] : off_at(bms, i);
 #pragma unroll
                     for (int s = 0; s < kKS; ++s) {
                         const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
@@ -460,7 +475,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     const float dtu = dt * (kVecLd ? f4_at(u4, k) : s_u[c * TP + t]);
                     float sdu = 0.f, sdt = 0.f;
                     float vbc[2 * kKS], bb[kKS], cv[kKS];
-                    const float off = s_off[t];
+                    const float off = kBwdOffTable ? s_off[t] : off_at(bms, i);
                     if constexpr (kPack) {
                         ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
                     } else {

@@ -35,6 +35,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
     constexpr int T = kTile;  // steps per staged tile; the state is saved every kChunk steps
+    static_assert(kChunk % kU == 0, "a saved-state interval holds whole units");
     constexpr int VEC = Vec<kInType>::n;
     typedef Stage<kInType, kTile> St;
     // Packed B / C beyond 16 states per channel (measured on the H200: backward -13% at dstate
@@ -247,82 +248,9 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
         // unit's outputs at once (kHold false), which also bounds the hoisting.
         typedef RS<kU, kG> R;
         constexpr bool kHold = kG >= 4;
-        // The scan is built twice, with the packed-sequence restart test and without: a tile
-        // where no sequence starts after its first step runs the plain loop (no per-step test;
-        // a start at the first step, as every row's first tile has, is done before it).
-        if (bm & 1ull) {
-            seq_restart<kKS>(p, seq_at(p, b, t0 - 1), seq_at(p, b, t0), d, j, live, h);
-            bm &= ~1ull;
-        }
-        const auto scan_tile = [&](auto vl) {
-        constexpr bool VL = decltype(vl)::value;
-#pragma unroll 1
-        for (int tc = 0; tc < T; tc += kChunk) {
-            float yb[kHold ? kChunk / kU : 1][R::R];
-#pragma unroll
-            for (int ui = 0; ui < kChunk / kU; ++ui) {
-                const int t = tc + ui * kU;
-                float pacc[kU];
-#pragma unroll
-                for (int q = 0; q < kU; q += 4) {
-                    const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t + q]);
-                    const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * TP + t + q]);
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const float dt = f4_at(dt4, k), dtu = f4_at(dtu4, k);
-                        float bb[kKS], cv[kKS];
-                        if constexpr (kPack) {
-                            ld_bc_packed<kInType, kKS>(s_BC + ((t + q + k) * (NP / kKS) + j) * 2 * kKS, bb, cv);
-                        } else {
-#if kGeneric
-                            ld_states<kKS>(pB + (t + q + k) * sB, bb);
-                            ld_states<kKS>(pC + (t + q + k) * sC, cv);
-#else
-                            if (VAR_B) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
-                            if (VAR_C) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
-#endif
-                        }
-                        if constexpr (VL) {
-                            if ((bm >> (t + q + k)) & 1ull) {
-                                const int gs = t0 + t + q + k;
-                                seq_restart<kKS>(p, seq_at(p, b, gs - 1), seq_at(p, b, gs), d, j, live, h);
-                            }
-                        }
-                        float acc = 0.f;
-#pragma unroll
-                        for (int s = 0; s < kKS; ++s) {
-                            const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
-                            const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
-                            h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
-                            acc = fmaf(C_, h[s], acc);
-                        }
-                        pacc[q + k] = acc;
-                    }
-                }
-                reduce_scatter<kU, kG, 1>(pacc, j, mask);
-                if constexpr (kHold) {
-#pragma unroll
-                    for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
-                } else {
-                    __syncwarp(mask);  // the channel's lanes have read this unit's dt
-                    if (R::owner(j)) {
-#pragma unroll
-                        for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
-                    }
-                }
-            }
-            // y over dt. The shuffled sums the owner holds already depend on every lane's reads
-            // of this interval's dt; the __syncwarp (once per interval) states that ordering in
-            // the memory model as well (and for compute-sanitizer's racecheck).
-            __syncwarp(mask);
-            if (kHold && R::owner(j)) {
-#pragma unroll
-                for (int ui = 0; ui < kChunk / kU; ++ui)
-#pragma unroll
-                    for (int r = 0; r < R::R; ++r) s_dt[c * TP + tc + ui * kU + R::blk(j) * R::R + r] = yb[ui][r];
-            }
-            // The state at the interval's end (steps past the end of the sequence leave h as is).
-            const int ci = (tile * T + tc) / kChunk;
+        // The state at a saved-state interval's end (steps past the end of the sequence leave h
+        // as is).
+        const auto save_state = [&](int ci) {
             if (live && ci < p.n_chunks) {
                 if (N % kKS == 0 && (p.states_ptr & 15) == 0) {
                     if (j * kKS < N) st_states<kKS>(&states[(long long)ci * N + j * kKS], h);
@@ -332,10 +260,111 @@ extern "C" __global__ void __launch_bounds__(128, 1) ssm_fwd(const SsmParams p, 
                         if (j * kKS + s < N) states[(long long)ci * N + j * kKS + s] = h[s];
                 }
             }
-        }
         };
-        if (bm) scan_tile(BoolC<true>());
-        else scan_tile(BoolC<false>());
+        // Packed sequences: a start at the tile's first step (every row's first tile has one) is
+        // done before the scan. A tile where a sequence starts after its first step (at most
+        // once per packed sequence) runs a step at a time, not unrolled, with the restart test
+        // and a butterfly sum of the channel's lanes per step. Small code: an unrolled copy of
+        // the interval with the test had tripled the forward's compile time, and one of a unit
+        // took registers from the plain loop.
+        if (bm & 1ull) {
+            seq_restart<kKS>(p, seq_at(p, b, t0 - 1), seq_at(p, b, t0), d, j, live, h);
+            bm &= ~1ull;
+        }
+        if (bm) {
+#pragma unroll 1
+            for (int t = 0; t < T; ++t) {
+                const float dt = s_dt[c * TP + t], dtu = s_dtu[c * TP + t];
+                float bb[kKS], cv[kKS];
+                if constexpr (kPack) {
+                    ld_bc_packed<kInType, kKS>(s_BC + (t * (NP / kKS) + j) * 2 * kKS, bb, cv);
+                } else {
+#if kGeneric
+                    ld_states<kKS>(pB + t * sB, bb);
+                    ld_states<kKS>(pC + t * sC, cv);
+#else
+                    if (VAR_B) ld_states<kKS>(&s_B[t * NP + j * kKS], bb);
+                    if (VAR_C) ld_states<kKS>(&s_C[t * NP + j * kKS], cv);
+#endif
+                }
+                if ((bm >> t) & 1ull) seq_restart<kKS>(p, seq_at(p, b, t0 + t - 1), seq_at(p, b, t0 + t), d, j, live, h);
+                float acc = 0.f;
+#pragma unroll
+                for (int s = 0; s < kKS; ++s) {
+                    const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
+                    const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
+                    h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
+                    acc = fmaf(C_, h[s], acc);
+                }
+#pragma unroll
+                for (int o = 1; o < kG; o <<= 1) acc += __shfl_xor_sync(mask, acc, o);
+                __syncwarp(mask);  // the channel's lanes have read this step's dt
+                if (j == 0) s_dt[c * TP + t] = acc;
+                if ((t + 1) % kChunk == 0) save_state((tile * T + t + 1 - kChunk) / kChunk);
+            }
+        } else {
+#pragma unroll 1
+            for (int tc = 0; tc < T; tc += kChunk) {
+                float yb[kHold ? kChunk / kU : 1][R::R];
+#pragma unroll
+                for (int ui = 0; ui < kChunk / kU; ++ui) {
+                    const int t = tc + ui * kU;
+                    float pacc[kU];
+#pragma unroll
+                    for (int q = 0; q < kU; q += 4) {
+                        const float4 dt4 = *reinterpret_cast<const float4*>(&s_dt[c * TP + t + q]);
+                        const float4 dtu4 = *reinterpret_cast<const float4*>(&s_dtu[c * TP + t + q]);
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) {
+                            const float dt = f4_at(dt4, k), dtu = f4_at(dtu4, k);
+                            float bb[kKS], cv[kKS];
+                            if constexpr (kPack) {
+                                ld_bc_packed<kInType, kKS>(s_BC + ((t + q + k) * (NP / kKS) + j) * 2 * kKS, bb, cv);
+                            } else {
+#if kGeneric
+                                ld_states<kKS>(pB + (t + q + k) * sB, bb);
+                                ld_states<kKS>(pC + (t + q + k) * sC, cv);
+#else
+                                if (VAR_B) ld_states<kKS>(&s_B[(t + q + k) * NP + j * kKS], bb);
+                                if (VAR_C) ld_states<kKS>(&s_C[(t + q + k) * NP + j * kKS], cv);
+#endif
+                            }
+                            float acc = 0.f;
+#pragma unroll
+                            for (int s = 0; s < kKS; ++s) {
+                                const float B_ = VAR_B || kGeneric ? bb[s] : Bf[s];
+                                const float C_ = VAR_C || kGeneric ? cv[s] : Cf[s];
+                                h[s] = fmaf(ex2(dt * A2[s]), h[s], dtu * B_);
+                                acc = fmaf(C_, h[s], acc);
+                            }
+                            pacc[q + k] = acc;
+                        }
+                    }
+                    reduce_scatter<kU, kG, 1>(pacc, j, mask);
+                    if constexpr (kHold) {
+#pragma unroll
+                        for (int r = 0; r < R::R; ++r) yb[ui][r] = pacc[r];
+                    } else {
+                        __syncwarp(mask);  // the channel's lanes have read this unit's dt
+                        if (R::owner(j)) {
+#pragma unroll
+                            for (int r = 0; r < R::R; ++r) s_dt[c * TP + t + R::blk(j) * R::R + r] = pacc[r];
+                        }
+                    }
+                }
+                // y over dt. The shuffled sums the owner holds already depend on every lane's reads
+                // of this interval's dt; the __syncwarp (once per interval) states that ordering in
+                // the memory model as well (and for compute-sanitizer's racecheck).
+                __syncwarp(mask);
+                if (kHold && R::owner(j)) {
+#pragma unroll
+                    for (int ui = 0; ui < kChunk / kU; ++ui)
+#pragma unroll
+                        for (int r = 0; r < R::R; ++r) s_dt[c * TP + tc + ui * kU + R::blk(j) * R::R + r] = yb[ui][r];
+                }
+                save_state((tile * T + tc) / kChunk);  // the state at the interval's end
+            }
+        }
         __syncthreads();
         // Epilogue, vectorised over the block: D skip, z gate, conversion, 8- / 16-byte stores.
         for (int i = threadIdx.x; i < rows * (T / VEC); i += blockDim.x) {

@@ -326,9 +326,7 @@ impl KernelSpec {
         let mut v = vec![
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
-            // Unannotated functions are device functions: the forward builds its tile loop
-            // twice through a generic lambda (with and without the packed-sequence restart
-            // test), which NVRTC otherwise takes for a host function.
+            // Unannotated functions (the kernels' local lambdas) are device functions.
             "-default-device".into(),
             "--ptxas-options=-v".into(),
             format!("-DkInType={}", self.in_type),

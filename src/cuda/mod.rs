@@ -362,7 +362,7 @@ fn smem_bytes(spec: &KernelSpec, threads: u32) -> u32 {
         } else {
             0
         };
-        // Last: delta_bias per channel (rows) and the packed-sequence restart offsets (t).
+        // Last: delta_bias per channel (rows) and the restart offsets' table (t; kBwdOffTable).
         ((3 + z) * rows * tp + bc + part + fixed + rows + t, 3 + z)
     } else {
         ((3 + z) * rows * tp + bc + fixed + rows, 2 + z)
