@@ -9,6 +9,9 @@ UV := $(VENV)/bin/uv
 export UV_CACHE_DIR ?= $(abspath .uv-cache)
 STAMP := $(VENV)/.deps-stamp
 CLEAN_VENV := .venv-clean
+# Work off the critical path runs at low priority; cargo under `make -j` keeps its own job count.
+NOJOBS := env -u MAKEFLAGS -u MFLAGS
+LOW := nice -n 15 $(NOJOBS)
 
 .PHONY: setup build run test test-rust test-py pytest test-wheel wheel-check lint bench clean
 
@@ -22,17 +25,18 @@ setup: $(STAMP)
 
 build: $(STAMP)
 	rm -rf dist
-	$(VENV)/bin/maturin build --release --interpreter $(PY) --out dist
+	$(NOJOBS) $(VENV)/bin/maturin build --release --interpreter $(PY) --out dist
 	$(UV) pip install -q --python $(PY) --reinstall --no-deps dist/mamba_scan-*.whl
 
 run: build
 	$(PY) -m mamba_scan
 
 # The Rust unit tests build in their own target directory, so that they can run beside the
-# release build of the wheel (`make test` runs the two at once: the release build keeps one
-# core busy for most of its time).
+# release build of the wheel: `make test` runs them at low priority while the release build,
+# which keeps one core busy for most of its time, goes first (it and the pytest suite after
+# it, NVRTC-bound on every core, are the critical path).
 test-rust:
-	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests cargo test
+	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests $(LOW) cargo test
 
 test-py: build pytest
 
@@ -46,8 +50,8 @@ test-wheel: build wheel-check
 wheel-check:
 	rm -rf $(CLEAN_VENV)
 	$(UV) venv -q --python python3 $(CLEAN_VENV)
-	$(UV) pip install -q --python $(CLEAN_VENV)/bin/python dist/mamba_scan-*.whl
-	cd /tmp && $(abspath $(CLEAN_VENV))/bin/python $(abspath tests/readme_quickstart.py) $(abspath README.md)
+	$(LOW) $(UV) pip install -q --python $(CLEAN_VENV)/bin/python dist/mamba_scan-*.whl
+	cd /tmp && $(LOW) $(abspath $(CLEAN_VENV))/bin/python $(abspath tests/readme_quickstart.py) $(abspath README.md)
 
 test: $(STAMP)
 	$(MAKE) -j2 test-rust build
