@@ -13,7 +13,7 @@ CLEAN_VENV := .venv-clean
 NOJOBS := env -u MAKEFLAGS -u MFLAGS
 LOW := nice -n 15 $(NOJOBS)
 
-.PHONY: setup build run test test-rust test-py pytest test-wheel wheel-check lint bench clean
+.PHONY: setup build run test test-rust test-py test-wheel lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,24 +38,21 @@ run: build
 test-rust:
 	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests $(LOW) cargo test
 
-test-py: build pytest
-
-pytest:
+test-py: build
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider . -o testpaths=.
 
 # The wheel as a new user gets it: a fresh venv, `pip install` of the wheel alone (its declared
 # dependencies come from the index), then the README's quickstart.
-test-wheel: build wheel-check
-
-wheel-check:
+test-wheel: build
 	rm -rf $(CLEAN_VENV)
 	$(UV) venv -q --python python3 $(CLEAN_VENV)
 	$(LOW) $(UV) pip install -q --python $(CLEAN_VENV)/bin/python dist/mamba_scan-*.whl
 	cd /tmp && $(LOW) $(abspath $(CLEAN_VENV))/bin/python $(abspath tests/readme_quickstart.py) $(abspath README.md)
 
+# The pytest suite and the wheel check start when the wheel is built, whether or not the Rust
+# unit tests (low priority, from the start) are done.
 test: $(STAMP)
-	$(MAKE) -j2 test-rust build
-	$(MAKE) -j2 pytest wheel-check
+	$(MAKE) -j3 test-rust test-py test-wheel
 
 lint: $(STAMP)
 	cargo fmt --check

@@ -10,19 +10,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
 
-def make_bc(mode: str, batch: int, dim: int, dstate: int, seqlen: int, dtype, device, gen):
-    """mode: 'fixed', 'var' (batch, dstate, L), or 'gK' (batch, K, dstate, L)."""
+def make_bc(mode: str, batch: int, dim: int, dstate: int, seqlen: int, dtype, device, gen,
+            cplx=False):  # fmt: skip
+    """mode: 'fixed', 'var' (batch, dstate, L), or 'gK' (batch, K, dstate, L). cplx (complex
+    A): fixed complex64, variable real with (real, imag) interleaved along 2 L."""
     if mode == "fixed":
+        if cplx:
+            return torch.randn(dim, dstate, 2, generator=gen).to(device).contiguous().view(
+                torch.complex64).squeeze(-1)  # fmt: skip
         return torch.randn(dim, dstate, generator=gen).to(device)
+    L = 2 * seqlen if cplx else seqlen
     if mode == "var":
-        return torch.randn(batch, dstate, seqlen, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(batch, dstate, L, generator=gen).to(device=device, dtype=dtype)
     g = int(mode[1:])
-    return torch.randn(batch, g, dstate, seqlen, generator=gen).to(device=device, dtype=dtype)
+    return torch.randn(batch, g, dstate, L, generator=gen).to(device=device, dtype=dtype)
 
 
 def make_inputs(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32, device="cpu",
                 b_mode="var", c_mode="var", has_d=True, has_z=True, has_bias=True,
-                has_h0=False, seed=0, softplus=True):  # fmt: skip
+                has_h0=False, seed=0, softplus=True, cplx=False):  # fmt: skip
+    """cplx: mamba_ssm's complex mode (A complex64 with S4D-Lin's imaginary parts pi n)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, dim, seqlen, generator=gen).to(device=device, dtype=dtype)
     # delta around softplus^-1 of typical dt values; a spread of magnitudes.
@@ -32,8 +39,11 @@ def make_inputs(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32, devic
     raw = raw * 2 - 1.5 if softplus else raw * 0.3 + 0.01
     delta = raw.to(device=device, dtype=dtype)
     A = -(0.5 + torch.rand(dim, dstate, generator=gen) * 3).to(device)
-    B = make_bc(b_mode, batch, dim, dstate, seqlen, dtype, device, gen)
-    C = make_bc(c_mode, batch, dim, dstate, seqlen, dtype, device, gen)
+    if cplx:
+        imag = torch.pi * torch.arange(dstate, dtype=torch.float32).repeat(dim, 1).to(device)
+        A = torch.complex(A, imag)
+    B = make_bc(b_mode, batch, dim, dstate, seqlen, dtype, device, gen, cplx)
+    C = make_bc(c_mode, batch, dim, dstate, seqlen, dtype, device, gen, cplx)
     D = torch.randn(dim, generator=gen).to(device) if has_d else None
     z = (
         torch.randn(batch, dim, seqlen, generator=gen).to(device=device, dtype=dtype)
@@ -45,6 +55,8 @@ def make_inputs(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32, devic
     )
     bias = bias.to(device) if has_bias else None
     h0 = torch.randn(batch, dim, dstate, generator=gen).to(device) if has_h0 else None
+    if cplx and has_h0:
+        h0 = torch.complex(h0, torch.randn(batch, dim, dstate, generator=gen).to(device))
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, initial_state=h0)
 
 
@@ -58,20 +70,25 @@ def _run(fn, inputs, softplus, last, grads_out, extra=None):
     out, ls = res if last else (res, None)
     loss = (out.double() * grads_out["out"]).sum()
     if last:
-        loss = loss + (ls.double() * grads_out["last"]).sum()
+        lr = torch.view_as_real(ls) if ls.is_complex() else ls
+        loss = loss + (lr.double() * grads_out["last"]).sum()
     loss.backward()
     grads = {k: (v.grad if v is not None else None) for k, v in leaves.items()}
     return out.detach(), (ls.detach() if ls is not None else None), grads
 
 
+def _wide(v):
+    return v.to(torch.complex128) if v.is_complex() else v.double()
+
+
 def upcast(inputs):
-    return {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    return {k: (_wide(v) if v is not None else None) for k, v in inputs.items()}
 
 
 def max_err(a, b):
     if a.numel() == 0:
         return 0.0
-    return (a.double() - b.double()).abs().max().item()
+    return (_wide(a) - _wide(b)).abs().max().item()
 
 
 def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="", seq_idx=None,
@@ -87,9 +104,14 @@ def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="
     rows_last = batch if seq_idx is None else num_seqs
     grads_out = {
         "out": torch.randn(batch, dim, seqlen, generator=gen, dtype=torch.float64).to(u.device),
-        "last": torch.randn(rows_last, dim, dstate, generator=gen, dtype=torch.float64).to(
-            u.device
-        ),
+        "last": torch.randn(
+            rows_last,
+            dim,
+            dstate,
+            *((2,) if inputs["A"].is_complex() else ()),
+            generator=gen,
+            dtype=torch.float64,
+        ).to(u.device),  # fmt: skip
     }
     extra = None if seq_idx is None else {"seq_idx": seq_idx, "num_seqs": num_seqs}
     ref64 = _run(selective_scan_ref, upcast(inputs), softplus, last, grads_out, extra)

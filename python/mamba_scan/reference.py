@@ -48,13 +48,17 @@ def selective_scan_ref(
     negative values are padding (no state read or written). ``last_state`` is then
     (num_seqs, dim, dstate): each sequence's state after its last step, 0 for absent numbers.
     """
-    if A.is_complex():
-        raise NotImplementedError("complex A is not supported yet")
     dtype_in = u.dtype
     ct = torch.float64 if dtype_in == torch.float64 else torch.float32
+    cplx = A.is_complex()
+    if cplx and seq_idx is not None:
+        raise NotImplementedError("seq_idx: packed sequences with a complex A are not supported")
+    # Complex A (mamba_ssm's complex mode): a variable B / C is real with (real, imag)
+    # interleaved along the length; the state is complex and y = 2 Re(C . h).
+    st = (torch.complex128 if ct == torch.float64 else torch.complex64) if cplx else ct
     u = u.to(ct)
     delta = delta.to(ct)
-    A = A.to(ct)
+    A = A.to(st)
     if delta_bias is not None:
         delta = delta + delta_bias[..., None].to(ct)
     if delta_softplus:
@@ -62,8 +66,14 @@ def selective_scan_ref(
     batch, dim, L = u.shape
     dstate = A.shape[1]
     var_b, var_c = B.dim() >= 3, C.dim() >= 3
-    B = _expand_groups(B.to(ct), dim)
-    C = _expand_groups(C.to(ct), dim)
+
+    def states_of(X, var):
+        if cplx and var and not X.is_complex():
+            X = torch.view_as_complex(X.to(ct).reshape(*X.shape[:-1], L, 2).contiguous())
+        return _expand_groups(X.to(st), dim)
+
+    B = states_of(B, var_b)
+    C = states_of(C, var_c)
     finals = {}
     if seq_idx is not None:
         seq = seq_idx.tolist()
@@ -72,9 +82,9 @@ def selective_scan_ref(
                 max([v for row in seq for v in row], default=-1) + 1)  # fmt: skip
         h0 = initial_state.to(ct) if initial_state is not None else None
     if initial_state is not None and seq_idx is None:
-        x = initial_state.to(ct)
+        x = initial_state.to(st)
     else:
-        x = u.new_zeros((batch, dim, dstate))
+        x = u.new_zeros((batch, dim, dstate), dtype=st)
     ys = []
     for i in range(L):
         if seq_idx is not None:
@@ -104,7 +114,9 @@ def selective_scan_ref(
         else:
             ci = C[:, :, :, i]
         ys.append((x * ci).sum(-1))
-    y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0), dtype=st)
+    if cplx:
+        y = y.real * 2
     out = y if D is None else y + u * D.to(ct)[:, None]
     if z is not None:
         out = out * F.silu(z.to(ct))
@@ -325,7 +337,9 @@ def mamba_inner_composition(conv_fn, scan_fn, xz, conv1d_weight, conv1d_bias, x_
     d_model). ``seq_idx`` (packed sequences) goes to both the conv and the scan."""
     L = xz.shape[-1]
     sq = {} if seq_idx is None else {"seq_idx": seq_idx}
-    d_state = A.shape[-1]
+    # Complex A: x_proj gives 2 d_state columns each for B and C, (real, imag) pairs, which
+    # become (batch, d_state, 2 L) interleaved along the length (mamba_ssm's layout).
+    n_cols = A.shape[-1] * (2 if A.is_complex() else 1)
     dt_rank = delta_proj_weight.shape[1]
     x, z = xz.chunk(2, dim=1)
     x = conv_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu", **sq)
@@ -333,20 +347,25 @@ def mamba_inner_composition(conv_fn, scan_fn, xz, conv1d_weight, conv1d_bias, x_
     delta = (delta_proj_weight @ x_dbl[:, :dt_rank].t()).view(-1, xz.shape[0], L).transpose(0, 1)
     if dt_rms_weight is not None:
         delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
+
+    def per_step(X):  # (b l, n_cols) -> (batch, d_state, L) or, complex, (batch, d_state, 2 L)
+        X = X.view(xz.shape[0], L, A.shape[-1], n_cols // A.shape[-1])
+        return X.permute(0, 2, 1, 3).reshape(xz.shape[0], A.shape[-1], -1).contiguous()
+
     if B is None:
-        B = x_dbl[:, dt_rank : dt_rank + d_state]
+        B = x_dbl[:, dt_rank : dt_rank + n_cols]
         if B_proj_bias is not None:
             B = B + B_proj_bias.to(B.dtype)
         if b_rms_weight is not None:
             B = _rms_norm(B, b_rms_weight, b_c_dt_rms_eps)
-        B = B.view(xz.shape[0], L, d_state).transpose(1, 2).contiguous()
+        B = per_step(B)
     if C is None:
-        C = x_dbl[:, -d_state:]
+        C = x_dbl[:, -n_cols:]
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype)
         if c_rms_weight is not None:
             C = _rms_norm(C, c_rms_weight, b_c_dt_rms_eps)
-        C = C.view(xz.shape[0], L, d_state).transpose(1, 2).contiguous()
+        C = per_step(C)
     y = scan_fn(x, delta.contiguous(), A, B, C, D, z=z, delta_bias=delta_bias,
                 delta_softplus=delta_softplus, **sq)  # fmt: skip
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)

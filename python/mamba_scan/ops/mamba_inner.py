@@ -143,15 +143,15 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     """xz: (batch, 2 d_inner, seqlen); conv1d_weight: (d_inner, 1, width); x_proj_weight:
     (dt_rank + 2 d_state, d_inner); delta_proj_weight: (d_inner, dt_rank); out_proj_weight:
     (d_model, d_inner); A: (d_inner, d_state); B / C None for input-dependent B / C (from
-    x_proj), else fixed. Returns (batch, seqlen, d_model).
+    x_proj), else fixed. Returns (batch, seqlen, d_model). A complex A (mamba_ssm's complex
+    mode) takes 2 d_state columns of x_proj each for B and C, (real, imag) pairs, and runs the
+    composition over the complex scan (``ops/complex_scan.py``).
 
     seq_idx (mamba-scan extension): (batch, seqlen) int32, sequences packed along the rows; the
     conv and the scan both restart where it changes (causal-conv1d's and selective_scan_fn's
     convention; -1 marks padding)."""
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl: expected 0 or 1; got {checkpoint_lvl}")
-    if A.is_complex():
-        raise NotImplementedError("mamba_scan: complex A is not supported yet")
     if torch.is_autocast_enabled():
         dt = torch.get_autocast_gpu_dtype() if xz.is_cuda else torch.get_autocast_cpu_dtype()
         x_proj_weight, delta_proj_weight, out_proj_weight = (
@@ -161,7 +161,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     if seq_idx is not None:
         seq_idx = _prepare_seq(seq_idx, xz)
     if (
-        b_rms_weight is None
+        not A.is_complex()  # complex A: the composition over the complex scan
+        and b_rms_weight is None
         and c_rms_weight is None
         and dt_rms_weight is None
         and kernel_ok(xz, conv1d_weight.view(conv1d_weight.shape[0], -1))

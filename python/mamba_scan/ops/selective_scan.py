@@ -17,6 +17,7 @@ from .._boundary import (
 )
 from .._native import DeviceError, DTypeError, ShapeError
 from .._ops import tracing
+from .complex_scan import check_complex_args, complex_selective_scan
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -53,9 +54,9 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if not ok:
         _check_types(args)
     if A.is_complex() or B.is_complex() or C.is_complex():
-        raise NotImplementedError(
-            "mamba_scan: complex A/B/C are not supported yet (real-valued Mamba only)"
-        )
+        # selective_scan_fn takes complex A before it gets here (ops/complex_scan.py).
+        check_complex_args(A, B, C)
+        raise NotImplementedError("A: a complex A goes through selective_scan_fn")
     if u.dtype not in _FLOAT_DTYPES:
         raise DTypeError(f"u: expected float32, float16, bfloat16 or float64; got {u.dtype}")
     if u.dim() != 3:
@@ -351,7 +352,10 @@ def selective_scan_fn(
 
     Args:
         u, delta: (batch, dim, seqlen), float32 / float16 / bfloat16 (float64 on the CPU).
-        A: (dim, dstate) float32.
+        A: (dim, dstate) float32, or complex64 (mamba_ssm's complex mode, S4D-Lin style: see
+            ``mamba_scan.ops.complex_scan``; then a fixed B / C is complex and a variable one
+            real with (real, imag) interleaved along the length, (batch, [ngroups,] dstate,
+            2 seqlen), the output is 2 Re(C . h) and the last state complex).
         B, C: (dim, dstate) float32, or (batch, dstate, seqlen) / (batch, ngroups, dstate,
             seqlen) in u's dtype.
         D, delta_bias: (dim,) float32, optional.
@@ -373,6 +377,14 @@ def selective_scan_fn(
 
     numpy arrays (CPU, forward only) are accepted too and give numpy results.
     """
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        if seq_idx is not None:
+            raise NotImplementedError(
+                "seq_idx: packed sequences with a complex A are not supported"
+            )
+        _check_types((u, delta, A, B, C, D, z, delta_bias, initial_state))
+        return complex_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state, initial_state)  # fmt: skip
     if seq_idx is not None and isinstance(u, torch.Tensor):
         seq_idx = _prepare_seq(seq_idx, u)
     n_seqs = _num_seqs(seq_idx, initial_state, return_last_state, num_seqs)
