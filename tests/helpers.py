@@ -92,11 +92,12 @@ def max_err(a, b):
 
 
 def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="", seq_idx=None,
-                 num_seqs=None):  # fmt: skip
+                 num_seqs=None, slack=None):  # fmt: skip
     """flash-attention's rule: the kernel's error against float64 is at most twice the error of
     the same-precision PyTorch reference against float64 (plus a floor of a few float32 ulps of
     the result's magnitude, for results the same-precision reference gets exactly). With
-    ``seq_idx`` (packed sequences) last_state is per sequence: (num_seqs, dim, dstate)."""
+    ``seq_idx`` (packed sequences) last_state is per sequence: (num_seqs, dim, dstate).
+    ``slack`` {name: factor} widens named quantities' tolerance (documented deviations only)."""
     u = inputs["u"]
     batch, dim, seqlen = u.shape
     dstate = inputs["A"].shape[1]
@@ -133,7 +134,7 @@ def check_parity(inputs, softplus=True, last=True, fn=selective_scan_fn, label="
         assert not torch.isnan(got).any(), f"{label} {name}: NaN (unwritten output?)"
         e_ours, e_pt = max_err(got, r64), max_err(rpt, r64)
         scale = r64.abs().max().item() if r64.numel() else 0.0
-        tol = 2 * e_pt + 8 * 1.2e-7 * max(scale, 1.0)
+        tol = (2 * e_pt + 8 * 1.2e-7 * max(scale, 1.0)) * (slack or {}).get(name, 1.0)
         rows.append((name, e_ours, e_pt, tol))
         worst = max(worst, e_ours / tol)
         assert e_ours <= tol, (

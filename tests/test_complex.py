@@ -27,11 +27,15 @@ def test_complex_parity(device, dtype, b_mode, c_mode, has_h0):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_complex_long_sequence(device):
-    """A few thousand steps: the accumulated phase (float64) keeps the output as accurate as
-    the float32 reference's."""
+    """A few thousand steps: the accumulated phase (float64) keeps the output, the last state
+    and the gradients as accurate as the float32 reference's. On CUDA (a float32 scan) the
+    gradient of delta through the phase is the documented exception (ops/complex_scan.py):
+    measured 1.6x the parity tolerance for ddelta_bias at 3000 steps on the H200; bounded here
+    at 3x."""
     inputs = make_inputs(batch=1, dim=2, seqlen=3000, dstate=4, device=device, cplx=True,
                          has_z=False)  # fmt: skip
-    check_parity(inputs, label="complex long")
+    slack = {"ddelta": 3.0, "ddelta_bias": 3.0} if device == "cuda" else None
+    check_parity(inputs, label="complex long", slack=slack)
 
 
 def test_complex_gradcheck():

@@ -315,17 +315,56 @@ def test_mamba_module_cu_seqlens(device, fast):
         m(x.expand(2, -1, -1), cu_seqlens=cu)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_states_inside_tiles_refused():
-    """The CUDA backward refuses per-sequence states where a sequence starts inside a tile
-    (a clear error, not a wrong gradient); without states any layout works."""
-    inp = make_inputs(batch=1, dim=4, seqlen=50, dstate=4, device="cuda")
-    kw = {k: v.requires_grad_() if v is not None and v.is_floating_point() else v
-          for k, v in inp.items() if k != "initial_state"}  # fmt: skip
-    seq = torch.tensor([[0] * 20 + [1] * 30], dtype=torch.int32, device="cuda")
-    h0 = torch.zeros(2, 4, 4, device="cuda", requires_grad=True)
-    out = selective_scan_fn(**kw, delta_softplus=True, initial_state=h0, seq_idx=seq)
-    with pytest.raises(NotImplementedError, match="multiple of"):
-        out.sum().backward()
-    out = selective_scan_fn(**kw, delta_softplus=True, seq_idx=seq)
-    out.sum().backward()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [8, 32])
+def test_realigned_layout_equals_direct(device, chunk):
+    """Per-sequence states where sequences start off the tile grid: the scan over the layout
+    realigned to multiples of ``chunk`` (what CUDA runs for such calls, where its backward needs
+    tile-aligned starts) gives the direct call's output, final states and every gradient."""
+    from mamba_scan.ops.selective_scan import _scan_realigned
+
+    inp = make_inputs(batch=2, dim=4, seqlen=50, dstate=4, device=device, b_mode="g2")
+    lens = [[3, 20, 1, 26], [7, 33, 10]]
+    seq = torch.tensor([sum(([i + 4 * r] * n for i, n in enumerate(row)), []) for r, row in
+                        enumerate(lens)], dtype=torch.int32, device=device)  # fmt: skip
+    seq[1, 45:] = -1  # padding at the end of a row
+    h0 = torch.randn(8, 4, 4, device=device)
+    g_out = torch.randn(2, 4, 50, device=device)
+    g_last = torch.randn(8, 4, 4, device=device)
+    res = []
+    for realign in (False, True):
+        leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+                  for k, v in inp.items() if k != "initial_state"}  # fmt: skip
+        h = h0.clone().requires_grad_()
+        args = [leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        if realign:
+            out, last = _scan_realigned(*args, True, True, h, seq, 8, chunk)
+        else:
+            out, last = selective_scan_fn(*args, True, True, initial_state=h, seq_idx=seq,
+                                          num_seqs=8)  # fmt: skip
+        ((out * g_out).sum() + (last * g_last).sum()).backward()
+        res.append((out, last, [x.grad for x in args if x is not None] + [h.grad]))
+    (o1, l1, g1), (o2, l2, g2) = res
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_states_inside_tiles():
+    """On CUDA, per-sequence states with a sequence starting inside a tile run on the realigned
+    layout: output, final states and every gradient as on the CPU."""
+    inp = make_inputs(batch=1, dim=4, seqlen=50, dstate=4)
+    seq = torch.tensor([[0] * 20 + [1] * 30], dtype=torch.int32)
+    h0 = torch.randn(2, 4, 4)
+    res = []
+    for dev in ("cpu", "cuda"):
+        kw = {k: v.to(dev).requires_grad_() for k, v in inp.items() if v is not None}
+        h = h0.to(dev).requires_grad_()
+        out, last = selective_scan_fn(**kw, delta_softplus=True, return_last_state=True,
+                                      initial_state=h, seq_idx=seq.to(dev))  # fmt: skip
+        (out.sum() + (last * last).sum()).backward()
+        res.append([out, last] + [v.grad for v in kw.values()] + [h.grad])
+    for c, g in zip(*res):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=1e-4)

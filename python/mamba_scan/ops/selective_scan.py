@@ -249,6 +249,97 @@ def _check_cuda_state_starts(seq_idx, chunk):
         )
 
 
+def _realign_layout(seq_idx, chunk):
+    """A layout where every run of equal seq_idx values (a sequence, or padding) starts at a
+    multiple of ``chunk``: each run keeps its row and order, shifted right to the next multiple;
+    the steps of a gap belong to the run before it (run with dt = 0 by the caller, they leave
+    its state as it is), so no run starts inside a tile. Returns (src, dst, new_seq, new_len):
+    ``src`` (batch x new_len) the flat position b L + t each new step takes its inputs from
+    (batch L: a gap, zeros), ``dst`` (batch x L) the flat new position of each original step,
+    ``new_seq`` the new seq_idx. Reads seq_idx on the host."""
+    seq = seq_idx.cpu()
+    batch, L = seq.shape
+    rows = []
+    for b in range(batch):
+        r = seq[b]
+        cut = (torch.nonzero(r[1:] != r[:-1]).flatten() + 1).tolist()
+        bounds = [0] + cut + [L]
+        off, spans = 0, []
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            off = -(-off // chunk) * chunk
+            spans.append((s0, s1, off))
+            off += s1 - s0
+        rows.append((spans, off))
+    new_len = max([off for _, off in rows] + [1])
+    src = torch.full((batch, new_len), batch * L, dtype=torch.long)
+    new_seq = torch.full((batch, new_len), -1, dtype=torch.int32)
+    dst = torch.empty((batch, L), dtype=torch.long)
+    for b, (spans, _) in enumerate(rows):
+        for k, (s0, s1, off) in enumerate(spans):
+            n = s1 - s0
+            nxt = spans[k + 1][2] if k + 1 < len(spans) else new_len
+            src[b, off : off + n] = b * L + torch.arange(s0, s1)
+            new_seq[b, off:nxt] = seq[b, s0]  # the run and the gap after it
+            dst[b, s0:s1] = b * new_len + torch.arange(off, off + n)
+    dev = seq_idx.device
+    return src.to(dev).flatten(), dst.to(dev).flatten(), new_seq.to(dev), new_len
+
+
+def _scan_realigned(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                    initial_state, seq_idx, num_seqs, chunk):  # fmt: skip
+    """selective_scan_fn over a copy of the inputs where every sequence starts at a multiple of
+    ``chunk`` (the CUDA backward's condition for per-sequence states), the outputs gathered back
+    to their places: differentiable (the gathers' gradients scatter back). Padding steps get
+    zero inputs and no output gradient, so they add nothing to any gradient."""
+    batch, _, L = u.shape
+    src, dst, new_seq, new_len = _realign_layout(seq_idx, chunk)
+    # dt computed here (float32, as the kernels do), so that a gap's dt is exactly 0; the scan
+    # below runs in float32 and its output is cast back to u's dtype.
+    wt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = delta.to(wt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(wt)[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    cast = lambda x: x.to(wt) if x is not None and x.dim() >= 3 else x  # noqa: E731
+
+    def along_steps(x):  # (batch, ..., L) -> (batch, ..., new_len)
+        if x is None or x.dim() < 3:
+            return x
+        rest = x.shape[1:-1]
+        flat = x.movedim(-1, 1).reshape(batch * L, -1)
+        flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+        return flat[src].view(batch, new_len, *rest).movedim(1, -1)
+
+    res = _scan_core(
+        along_steps(u.to(wt)), along_steps(dt), A, along_steps(cast(B)), along_steps(cast(C)), D,
+        along_steps(cast(z)), None, False, return_last_state, initial_state, new_seq, num_seqs,
+    )  # fmt: skip
+    out, last = res if return_last_state else (res, None)
+    dim = out.shape[1]
+    out = out.movedim(-1, 1).reshape(batch * new_len, dim)[dst].view(batch, L, dim).movedim(1, -1)
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def _needs_realign(seq_idx, u, initial_state, return_last_state, args):
+    """Whether a call must run on the realigned layout: per-sequence states with gradients on
+    CUDA where some sequence starts off a multiple of the backward's tile length (host read)."""
+    if not (u.is_cuda and (initial_state is not None or return_last_state)):
+        return 0
+    if not torch.is_grad_enabled() or not any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in args
+    ):
+        return 0
+    chunk = chunk_size_for(u, args[2].shape[1])
+    L = seq_idx.shape[1]
+    if L < 2:
+        return 0
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
+    pos = torch.arange(1, L, device=seq_idx.device)
+    return chunk if bool((starts & (pos % chunk != 0)).any()) else 0
+
+
 def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
                    delta_softplus, du=None, dz=None, seq_idx=None, num_seqs=-1):  # fmt: skip
     """The fused backward (recomputes each chunk from its saved state): (du, ddelta, dA, dB, dC,
@@ -388,6 +479,19 @@ def selective_scan_fn(
     if seq_idx is not None and isinstance(u, torch.Tensor):
         seq_idx = _prepare_seq(seq_idx, u)
     n_seqs = _num_seqs(seq_idx, initial_state, return_last_state, num_seqs)
+    if seq_idx is not None and not tracing():
+        args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        chunk = _needs_realign(seq_idx, u, initial_state, return_last_state, args)
+        if chunk:
+            return _scan_realigned(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   return_last_state, initial_state, seq_idx, n_seqs, chunk)  # fmt: skip
+    return _scan_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                      initial_state, seq_idx, n_seqs)  # fmt: skip
+
+
+def _scan_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+               initial_state, seq_idx, n_seqs):  # fmt: skip
+    """selective_scan_fn after its argument handling (seq_idx prepared, num_seqs resolved)."""
     if tracing():
         out, _, last = torch.ops.mamba_scan.selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
