@@ -31,7 +31,6 @@ correctness and compatibility, not speed; real A keeps the fused kernels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._native import DTypeError, ShapeError
 
@@ -67,7 +66,7 @@ def complex_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, return_last_state=False, initial_state=None):  # fmt: skip
     """The selective scan with a complex A (see the module docstring); called by
     ``selective_scan_fn`` when A is complex. Differentiable in every tensor argument."""
-    from .selective_scan import selective_scan_fn
+    from .selective_scan import dt_of, selective_scan_fn
 
     if u.dim() != 3 or delta.shape != u.shape:
         raise ShapeError(f"u, delta: must have shape (batch, dim, seqlen); got "
@@ -84,11 +83,7 @@ def complex_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     wt = torch.float64 if f64 or not u.is_cuda else torch.float32
     ct = torch.complex128 if f64 else torch.complex64
     A = A.to(ct)
-    dt = delta.to(wt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(wt)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    dt = dt_of(delta, delta_bias, delta_softplus, wt)
     Bc = _complex_bc(B, "B", batch, dim, N, L)
     Cc = _complex_bc(C, "C", batch, dim, N, L)
     A2 = torch.cat([A.real, A.real], dim=1).to(wt)
@@ -101,7 +96,6 @@ def complex_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Dw = D.to(wt) if D is not None else None
     zw = z.to(wt) if z is not None else None
     uw = u.to(wt)
-    need_last = return_last_state
     outs = []
     # Frames of at most `frame` steps: the phase restarts from 0 at each frame's start (the
     # state entering a frame is the true complex state), which bounds the float32 error of the
@@ -120,7 +114,7 @@ def complex_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         C2 = torch.cat([Cp.real, -Cp.imag], dim=2).to(wt)
         h0 = None if h is None else torch.cat([h.real, h.imag], dim=2).to(wt)
         last_frame = t1 >= L
-        keep = need_last or not last_frame
+        keep = return_last_state or not last_frame
         res = selective_scan_fn(uw[..., sl], dts, A2, B2, C2, Dw,
                                 zw[..., sl] if zw is not None else None, None, False, keep,
                                 initial_state=h0)  # fmt: skip

@@ -231,16 +231,31 @@ def _backward_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, du=Non
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
 
+def _starts_off_grid(seq_idx, chunk):
+    """Whether some run of seq_idx (a sequence or padding) starts off a multiple of ``chunk``
+    (host read)."""
+    L = seq_idx.shape[1]
+    if L < 2:
+        return False
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
+    pos = torch.arange(1, L, device=seq_idx.device)
+    return bool((starts & (pos % chunk != 0)).any())
+
+
+def dt_of(delta, delta_bias, delta_softplus, wt):
+    """dt = softplus(delta + delta_bias) (or without softplus) in ``wt``, differentiable: the
+    kernels' discretisation, for the paths that compute dt outside them."""
+    dt = delta.to(wt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(wt)[:, None]
+    return torch.nn.functional.softplus(dt) if delta_softplus else dt
+
+
 def _check_cuda_state_starts(seq_idx, chunk):
     """The CUDA backward takes per-sequence states (initial_state, gradients of the final
     states) only where sequences start at multiples of its tile length: it restarts a sequence
     inside a tile from 0 with no branch in its scans. Reads seq_idx back to the host."""
-    L = seq_idx.shape[1]
-    if L < 2:
-        return
-    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
-    pos = torch.arange(1, L, device=seq_idx.device)
-    if bool((starts & (pos % chunk != 0)).any()):
+    if _starts_off_grid(seq_idx, chunk):
         raise NotImplementedError(
             f"seq_idx: on CUDA, gradients with per-sequence states (initial_state, or the final "
             f"states used in the loss) need every sequence (and padding run) to start at a "
@@ -296,11 +311,7 @@ def _scan_realigned(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_
     # dt computed here (float32, as the kernels do), so that a gap's dt is exactly 0; the scan
     # below runs in float32 and its output is cast back to u's dtype.
     wt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    dt = delta.to(wt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(wt)[:, None]
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
+    dt = dt_of(delta, delta_bias, delta_softplus, wt)
     cast = lambda x: x.to(wt) if x is not None and x.dim() >= 3 else x  # noqa: E731
 
     def along_steps(x):  # (batch, ..., L) -> (batch, ..., new_len)
@@ -332,12 +343,7 @@ def _needs_realign(seq_idx, u, initial_state, return_last_state, args):
     ):
         return 0
     chunk = chunk_size_for(u, args[2].shape[1])
-    L = seq_idx.shape[1]
-    if L < 2:
-        return 0
-    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
-    pos = torch.arange(1, L, device=seq_idx.device)
-    return chunk if bool((starts & (pos % chunk != 0)).any()) else 0
+    return chunk if _starts_off_grid(seq_idx, chunk) else 0
 
 
 def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, dlast,
