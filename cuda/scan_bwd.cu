@@ -15,9 +15,21 @@
 //        dA += dt_t g_t a_t h_{t-1}.
 // Sums over n (the channel's lanes) use the reduce-scatter; variable dB / dC are summed over the
 // warp's channels through shared-memory scratch, then over the block's warps in shared memory in
-// a fixed order and written as one partial per block and step. Nothing is reduced with atomics:
-// per-(batch, channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a workspace slot each and
-// ssm_bwd_reduce adds the slots and the partials in a fixed order. Bitwise reproducible.
+// a fixed order, then over the blocks of a batch row in `slots` ordered chains (below). Nothing is
+// reduced with atomics: per-(batch, channel) sums (dA, fixed dB/dC, dD, ddelta_bias) go to a
+// workspace slot each and ssm_bwd_reduce adds the slots and the chains' sums in a fixed order.
+// Bitwise reproducible.
+//
+// The chains: the channel tiles x of a batch row are dealt round-robin to `slots` chains (with
+// as many chains as tiles, each tile writes its own partial: no counters, no waits)
+// (x mod slots). Each chain holds one fp32 (group, n, step) sum in the workspace; at each flush
+// the x-th tile adds its partial to its chain's sum after the tile before it in the chain
+// (x - slots) has added its own (a per-(row, chain, step) counter, release / acquire), or
+// writes it if it is the first of its group in the chain. The workspace thus holds `slots` fp32
+// copies of dB / dC instead of one partial per tile (which was up to 21x the anchor's memory at
+// dstate 64-256). Blocks take their (row, tile) from a ticket counter in start order, so a
+// block only ever waits on blocks that started before it: no deadlock whatever the scheduler
+// does.
 
 #define TP (kTile + 4)
 #define kU (kG > 4 ? kG : 4)
@@ -75,20 +87,41 @@ __device__ __forceinline__ int part_at(int w, int which, int n, int ii) {
 #ifndef kBwdSubUnroll
 #define kBwdSubUnroll 0
 #endif
+// kBwdChains: 1 compiles the chains' hand-over (the runtime sets it where MAMBA_SCAN_BWD_SLOTS
+// asks for fewer chains than tiles); 0, the default, leaves it out: each tile writes its own
+// partial.
+#ifndef kBwdChains
+#define kBwdChains 0
+#endif
 #ifndef kBwdShfl
 #define kBwdShfl 1
 #endif
 #define kShfl (kBwdShfl == 2 || (kBwdShfl == 1 && kG * kKS > 16))
 
-// Workspace layout (floats): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed dC,
-// dD, ddelta_bias), padded to 16 bytes, then variable-dB partials [batch][tiles][N][L], then
-// variable-dC partials (16-byte aligned rows when L % 4 == 0: the reduce reads them as float4).
-// The Rust side sizes the workspace by the same rule (src/cuda/mod.rs, bwd_workspace_elems).
+// Workspace layout (4-byte words): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed
+// dC, dD, ddelta_bias), padded to 16 bytes; with variable B or C and fewer chains than tiles then
+// the counters (zeroed by the launcher): the ticket, then [batch][slots][L + 64] chain counters (one per flush's first step;
+// the last tile's flushes may start past L), padded to 16 bytes; then the chains' variable-dB sums
+// [batch][slots][groups][N][L] ([batch][tiles][N][L] when each tile is its own chain: a tile
+// writes its group's rows only), then the variable-dC sums (16-byte aligned rows when L % 4 == 0:
+// the reduce reads them as float4). The Rust side sizes the workspace and zeroes the counters by
+// the same rule (src/cuda/mod.rs, bwd_workspace_elems / bwd_counters).
 __device__ __forceinline__ long long ws_chan_size(const SsmParams& p) {
     return ((long long)p.batch * p.dim * (3 * p.dstate + 2) + 3) & ~3ll;
 }
-__device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
-    return (long long)p.batch * (p.dim / kch) * p.dstate * p.seqlen;
+__device__ __forceinline__ long long ws_count_size(const SsmParams& p, int slots, bool chained) {
+    return chained ? (4 + (long long)p.batch * slots * (p.seqlen + 64) + 3) & ~3ll : 0;
+}
+__device__ __forceinline__ long long ws_sum_size(const SsmParams& p, int slots, int groups) {
+    return (long long)p.batch * slots * groups * p.dstate * p.seqlen;
+}
+__device__ __forceinline__ int ld_acquire(const int* a) {
+    int v;
+    asm volatile("ld.global.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_release(int* a, int v) {
+    asm volatile("st.global.release.gpu.b32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
 }
 
 // Three blocks per SM (<= 168 registers) where that compiles without spills and shared memory
@@ -105,7 +138,7 @@ __device__ __forceinline__ long long ws_part_size(const SsmParams& p, int kch) {
 #endif
 #define kMaxThreads (kKS == 8 && kBwdWideThreads >= 256 ? 256 : 128)
 
-extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(const SsmParams p, const int kch) {
+extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(const SsmParams p, const int kch, const int slots) {
     typedef typename InType<kInType>::t in_t;
     constexpr int NP = kG * kKS;
     constexpr int T = kTile;  // a multiple of kChunk, the forward's interval between saved states
@@ -122,8 +155,21 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     const int c = threadIdx.x / kG, j = threadIdx.x % kG;
     const int warp = threadIdx.x >> 5, cw = (threadIdx.x & 31) / kG;
     const bool live = c < kch;
-    const int b = blockIdx.y;
-    const int d0 = blockIdx.x * kch;
+    // With variable B or C the block's (batch row, channel tile) comes from the ticket (see the
+    // chains above); smem[0] carries it before anything else uses the shared memory.
+    // chained: fewer chains than tiles (else each tile has a chain of its own: no waits).
+    int b = blockIdx.y, bx = blockIdx.x;
+    int* const counters = (int*)p.workspace_ptr + ws_chan_size(p);
+    const bool chained = kBwdChains && (VAR_B || VAR_C) && slots < (int)gridDim.x;
+    if (chained) {
+        if (threadIdx.x == 0) smem[0] = __int_as_float(atomicAdd(counters, 1));
+        __syncthreads();
+        const int ticket = __float_as_int(smem[0]);
+        __syncthreads();
+        b = ticket / (int)gridDim.x;
+        bx = ticket - b * (int)gridDim.x;
+    }
+    const int d0 = bx * kch;
     const int d = live ? d0 + c : d0;
     const int N = p.dstate, L = p.seqlen;
     const unsigned mask = 0xffffffffu;
@@ -204,9 +250,18 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
     float dD = 0.f, dbias = 0.f;
     const float* states = (const float*)p.states_ptr + ((long long)b * p.dim + d) * p.n_chunks * N;
     float* ws = (float*)p.workspace_ptr;
-    const long long tiles = p.dim / kch;
-    float* ws_dB = ws + ws_chan_size(p);
-    float* ws_dC = ws_dB + (VAR_B ? ws_part_size(p, kch) : 0);
+    // This tile's chain: its sums' rows (group, n) and its counters; pos: tiles before it in the
+    // chain, which add first; addB / addC: an earlier tile of its group is in the chain.
+    const int tiles = p.dim / kch;
+    const int tpgB = tiles / p.b_ngroups, tpgC = tiles / p.c_ngroups;
+    const int chain = chained ? bx % slots : bx, pos = chained ? bx / slots : 0;
+    const int perB = chained ? p.b_ngroups : 1, perC = chained ? p.c_ngroups : 1;  // groups per chain
+    const bool addB = chained && bx - slots >= bx / tpgB * tpgB, addC = chained && bx - slots >= bx / tpgC * tpgC;
+    int* const flags = counters + 4 + ((long long)b * slots + chain) * (L + 64);
+    float* const sums = ws + ws_chan_size(p) + ws_count_size(p, slots, chained);
+    float* const ws_dB = sums + (((long long)b * slots + chain) * perB + (chained ? bx / tpgB : 0)) * N * L;
+    float* const ws_dC = sums + (VAR_B ? ws_sum_size(p, slots, perB) : 0) +
+                         (((long long)b * slots + chain) * perC + (chained ? bx / tpgC : 0)) * N * L;
 
     // Tiles run last to first. Iteration n_tiles only starts the copies of the last tile;
     // each tile starts those of the one before it as soon as its own inputs are converted.
@@ -593,7 +648,12 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                     }
                 }
                 if ((kVarB || kVarC) && (ts + ui * kUB) % kFl == 0) {
-                    // Sum the warps' dB / dC slices in a fixed order: one partial per block and step.
+                    // Sum the warps' dB / dC slices in a fixed order and add the block's partial to
+                    // its chain's sums after the tile before it in the chain.
+                    int* const flag = flags + t0 + ts + ui * kUB;
+                    if (threadIdx.x == 0 && pos > 0 && chained)
+                        while (ld_acquire(flag) < pos) {
+                        }
                     __syncthreads();
                     constexpr int OUT = 2 * NP * kFl;  // (half, n, step) values per flush
                     if (OUT % kMaxThreads == 0 && blockDim.x == kMaxThreads) {
@@ -602,7 +662,6 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                         // (half, n). ncu at the main shape: the general loop below was 11% of
                         // the backward's instructions and 20% of its stall samples.
                         const int ii = threadIdx.x % kFl, t = ts + ui * kUB + ii;
-                        const long long row0 = ((long long)b * tiles + blockIdx.x) * N;
 #pragma unroll
                         for (int q = 0; q < OUT / kMaxThreads; ++q) {
                             const int r = threadIdx.x / kFl + q * (kMaxThreads / kFl);
@@ -610,8 +669,10 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                             float v = 0.f;
 #pragma unroll
                             for (int w = 0; w < kMaxThreads / 32; ++w) v += s_part[part_at(w, which, n, ii)];
-                            if (n < N && t < len && (which ? VAR_C : VAR_B))
-                                (which ? ws_dC : ws_dB)[(row0 + n) * L + t0 + t] = v;
+                            if (n < N && t < len && (which ? VAR_C : VAR_B)) {
+                                float* const dst = (which ? ws_dC : ws_dB) + (long long)n * L + t0 + t;
+                                *dst = (which ? addC : addB) ? v + __ldcg(dst) : v;
+                            }
                         }
                     } else {
                         for (int m = threadIdx.x; m < OUT; m += blockDim.x) {
@@ -620,11 +681,12 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
                             if (n >= N || t >= len || (which == 0 && !VAR_B) || (which == 1 && !VAR_C)) continue;
                             float v = 0.f;
                             for (int w = 0; w < nwarps; ++w) v += s_part[part_at(w, which, n, ii)];
-                            float* dst = which == 0 ? ws_dB : ws_dC;
-                            dst[(((long long)b * tiles + blockIdx.x) * N + n) * L + t0 + t] = v;
+                            float* const dst = (which ? ws_dC : ws_dB) + (long long)n * L + t0 + t;
+                            *dst = (which ? addC : addB) ? v + __ldcg(dst) : v;
                         }
                     }
                     __syncthreads();
+                    if (threadIdx.x == 0 && chained) st_release(flag, pos + 1);
                 }
             }
         }
@@ -678,7 +740,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) ssm_bwd(co
 // Second stage: fixed-order sums of the workspace into the gradient outputs. One thread per
 // output element: dA, fixed dB/dC, dD, ddelta_bias (sums over batch), variable dB/dC (sums over
 // the channel tiles of each group).
-extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
+extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch, const int slots) {
     typedef typename InType<kInType>::t in_t;
     const int N = p.dstate, L = p.seqlen, dim = p.dim;
     const long long per = 3 * N + 2;
@@ -719,16 +781,22 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
         const int n = (int)(row % N);
         const int gg = (int)((row / N) % ng);
         const int bb = (int)(row / ((long long)N * ng));
-        const float* part = ws + ws_chan_size(p) + (isb ? 0 : (VAR_B ? ws_part_size(p, kch) : 0));
-        const long long tiles_per_group = tiles / ng;
-        const long long stride = (long long)N * L;  // between two channel tiles
-        const float* src = part + (((long long)bb * tiles + gg * tiles_per_group) * N + n) * L + t;
+        // Groups per chain: all of them, or the one of its tile where each tile is a chain.
+        const bool chained = kBwdChains && slots < tiles;
+        const int per = chained ? ng : 1;
+        const float* sums = ws + ws_chan_size(p) + ws_count_size(p, slots, chained) +
+                            (isb ? 0 : (VAR_B ? ws_sum_size(p, slots, chained ? p.b_ngroups : 1) : 0));
+        // The group's tiles gg tpg + k, k < tpg, sit in the chains (gg tpg + k) mod slots: its
+        // first min(slots, tpg) tiles name the chains that hold its sums, in a fixed order.
+        const int tpg = (int)(tiles / ng), first = gg * tpg, nch = min(slots, tpg);
+        const long long stride = (long long)per * N * L;  // between two chains
+        const float* src = sums + (((long long)bb * slots * per + (chained ? gg : 0)) * N + n) * L + t;
         float4 v = f4(0.f, 0.f, 0.f, 0.f);
         if (vec) {
             // Fixed order, several loads in flight.
-#pragma unroll 8
-            for (long long k = 0; k < tiles_per_group; ++k) {
-                const float4 w = *reinterpret_cast<const float4*>(src + k * stride);
+#pragma unroll 4
+            for (int k = 0; k < nch; ++k) {
+                const float4 w = *reinterpret_cast<const float4*>(src + ((first + k) % slots) * stride);
                 v.x += w.x;
                 v.y += w.y;
                 v.z += w.z;
@@ -736,9 +804,9 @@ extern "C" __global__ void ssm_bwd_reduce(const SsmParams p, const int kch) {
             }
         } else {
             const int m = min(4, L - t);
-#pragma unroll 8
-            for (long long k = 0; k < tiles_per_group; ++k) {
-                const float* r = src + k * stride;
+#pragma unroll 4
+            for (int k = 0; k < nch; ++k) {
+                const float* r = src + ((first + k) % slots) * stride;
                 v.x += r[0];
                 if (m > 1) v.y += r[1];
                 if (m > 2) v.z += r[2];

@@ -328,7 +328,7 @@ fn scan_bwd(
     };
     let plan = ops::scan::plan_backward(&args, &grads)?;
     if let (dlpack::Device::Cuda(_), Some(w)) = (plan.device, ws.as_ref()) {
-        let need = cuda::bwd_workspace_elems(&plan.params);
+        let need = cuda::bwd_workspace_elems(&plan.params, cuda::in_type(plan.in_dtype, "u")?);
         if w.numel() < need {
             return Err(ScanError::Shape {
                 arg: "workspace".into(),
@@ -646,9 +646,12 @@ fn cuda_chunk_size(dstate: i32) -> i32 {
     cuda::chunk_size(dstate)
 }
 
-/// float32 elements of scratch the CUDA backward needs.
+/// float32 elements of scratch the CUDA backward needs for these shapes, `dtype` of u
+/// ("float32", "float16" or "bfloat16") and whether z is given (they pick the kernel's layout,
+/// which sets how many partial sums of dB / dC it keeps).
 #[pyfunction]
-#[pyo3(signature = (batch, dim, dstate, seqlen, b_ngroups, c_ngroups))]
+#[pyo3(signature = (batch, dim, dstate, seqlen, b_ngroups, c_ngroups, dtype, has_z))]
+#[allow(clippy::too_many_arguments)]
 fn cuda_bwd_workspace_size(
     batch: i32,
     dim: i32,
@@ -656,7 +659,21 @@ fn cuda_bwd_workspace_size(
     seqlen: i32,
     b_ngroups: i32,
     c_ngroups: i32,
-) -> i64 {
+    dtype: &str,
+    has_z: bool,
+) -> PyResult<i64> {
+    let in_type = match dtype {
+        "float32" => 0,
+        "float16" => 1,
+        "bfloat16" => 2,
+        _ => {
+            return Err(ScanError::DType {
+                arg: "dtype".into(),
+                msg: format!("expected float32, float16 or bfloat16; got {dtype}"),
+            }
+            .into());
+        }
+    };
     // ngroups 0 marks a fixed (dim, dstate) B / C.
     let p = params::SsmParams {
         batch,
@@ -667,13 +684,14 @@ fn cuda_bwd_workspace_size(
         c_ngroups: c_ngroups.max(1),
         is_variable_b: (b_ngroups > 0) as i32,
         is_variable_c: (c_ngroups > 0) as i32,
+        has_z: has_z as i32,
         ..Default::default()
     };
-    if dim == 0 {
+    Ok(if dim == 0 {
         0
     } else {
-        cuda::bwd_workspace_elems(&p)
-    }
+        cuda::bwd_workspace_elems(&p, in_type)
+    })
 }
 
 /// The names of the kernel programs (specialisations) that `cuda_compile_program` takes, in

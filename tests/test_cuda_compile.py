@@ -117,3 +117,21 @@ def test_progress_bar_lines_without_a_terminal():
     lines = out.getvalue().splitlines()
     assert 2 <= len(lines) <= 11 and lines[-1].startswith("[" + "#" * 30 + "] 20/20 kernels")
     assert all("cache /x" in line for line in lines)
+
+
+def test_backward_workspace_holds_one_partial_per_tile():
+    """The CUDA backward's workspace (sized without a GPU) holds, by default, one fp32 dB / dC
+    partial per tile of channels of the layout the launch picks: grouped B / C take no more
+    than ungrouped ones, fixed ones none, and no dtype / z flag sizes it for another layout."""
+    size = _native.cuda_bwd_workspace_size
+    shape = (8, 1536, 64, 2048)
+    per_channel = 8 * 1536 * (3 * 64 + 2)
+    grouped = size(*shape, 4, 4, "bfloat16", True)
+    assert grouped == size(*shape, 1, 1, "bfloat16", True)
+    assert size(*shape, 0, 0, "bfloat16", True) == per_channel
+    partials = grouped - per_channel
+    copies = partials / (2 * 8 * 64 * 2048)
+    # 1536 channels in tiles of 8 to 32: 48 to 192 copies, where sizing for every layout took 384.
+    assert copies == int(copies) and 48 <= copies <= 192, copies
+    with pytest.raises(_native.DTypeError, match="dtype"):
+        size(*shape, 1, 1, "float64", True)

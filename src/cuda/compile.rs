@@ -339,6 +339,10 @@ impl KernelSpec {
             format!("-DkHasZ={}", self.has_z as i32),
             format!("-DkGeneric={}", self.generic as i32),
         ];
+        if self.backward && bwd_slots_forced().is_some() {
+            // The chains' hand-over of the dB / dC sums (cuda/scan_bwd.cu, kBwdChains).
+            v.push("-DkBwdChains=1".into());
+        }
         v.extend(tuning_defines().iter().cloned());
         v
     }
@@ -412,6 +416,19 @@ impl KernelSpec {
 /// e.g. "-DkFwdU=16"): a tuning knob for A/B runs of the kernels' compile-time constants on the
 /// device. Anything that is not a `-D` option is ignored. Read once per process (the compiled
 /// kernels are cached per process too); the options are part of the disk cache key.
+/// MAMBA_SCAN_BWD_SLOTS (read once per process): sum the scan backward's variable dB / dC in
+/// this many ordered chains of tiles (src/cuda/mod.rs, bwd_slots) instead of one partial per tile.
+pub fn bwd_slots_forced() -> Option<i64> {
+    static FORCED: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        std::env::var("MAMBA_SCAN_BWD_SLOTS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 pub fn tuning_defines() -> &'static [String] {
     static DEFINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     DEFINES.get_or_init(|| {

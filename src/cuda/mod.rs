@@ -125,7 +125,7 @@ fn function(st: &mut DeviceState, spec: Program, name: &'static str) -> Result<s
 }
 
 /// The kernels' dtype code (0 float32, 1 float16, 2 bfloat16) of argument `arg`.
-fn in_type(d: DType, arg: &str) -> Result<u8> {
+pub fn in_type(d: DType, arg: &str) -> Result<u8> {
     match d {
         DType::F32 => Ok(0),
         DType::F16 => Ok(1),
@@ -395,33 +395,60 @@ fn bwd_flush_steps(spec: &KernelSpec) -> u32 {
     }
 }
 
-/// fp32 workspace (elements) the backward needs: per-(batch, channel) sums, then one partial of
-/// variable dB / dC per block of channels. Sized for either layout family, so that the caller
-/// does not need to know which one a call picks.
-pub fn bwd_workspace_elems(p: &crate::params::SsmParams) -> i64 {
+/// Chains of the backward's variable dB / dC sums (cuda/scan_bwd.cu: each chain holds one fp32
+/// copy of dB / dC; the channel tiles of a batch row add to it in turn, after the tile before
+/// them in the chain). By default as many chains as tiles: each tile writes its own partial, no
+/// waits (the fastest; the partials take batch x tiles x dstate x seqlen floats for each of
+/// variable B and C). MAMBA_SCAN_BWD_SLOTS=k (read once per process) takes k chains instead:
+/// k copies, at the cost of one hand-over per flush of the sums (measured on the H200: the
+/// backward 10-25% slower at dstate 16, 30-70% at 64-256: benchmarks/results/scan_memory_h200.md).
+pub fn bwd_slots(p: &crate::params::SsmParams, in_type: u8) -> i32 {
+    let tiles = bwd_tiles(p, in_type);
+    compile::bwd_slots_forced().unwrap_or(tiles).clamp(1, tiles) as i32
+}
+
+/// Tiles of channels per batch row of the backward a call of these flags and this input type
+/// (0 fp32, 1 fp16, 2 bf16) launches: the layout `spec_of` picks, `channels_per_block` of it.
+fn bwd_tiles(p: &crate::params::SsmParams, in_type: u8) -> i64 {
+    let spec = KernelSpec::new(
+        true,
+        in_type,
+        p.dstate,
+        use_wide(p, in_type, true),
+        p.is_variable_b != 0,
+        p.is_variable_c != 0,
+        p.has_z != 0,
+    );
+    (p.dim / channels_per_block(p, spec.ks, spec.g, true).max(1)).max(1) as i64
+}
+
+/// 4-byte words of the backward's workspace before the chains' sums: the per-(batch, channel)
+/// sums (padded to 16 bytes, as ws_chan_size), then with variable B or C and fewer chains than
+/// tiles the ticket and the chain counters (as ws_count_size), which the launcher zeroes:
+/// (offset, count) of those.
+fn bwd_counters(p: &crate::params::SsmParams, slots: i32, chained: bool) -> (i64, i64) {
+    let chan = (p.batch as i64 * p.dim as i64 * (3 * p.dstate as i64 + 2) + 3) & !3;
+    let count = if chained && (p.is_variable_b != 0 || p.is_variable_c != 0) {
+        (4 + p.batch as i64 * slots as i64 * (p.seqlen as i64 + 64) + 3) & !3
+    } else {
+        0
+    };
+    (chan, count)
+}
+
+/// fp32 workspace (elements) the backward of this input type needs: per-(batch, channel) sums,
+/// then with variable B or C the counters and `bwd_slots` chains' sums of dB / dC
+/// ([batch][slots][groups][N][L], one group per chain where each tile is a chain), for the
+/// layout the launch will pick.
+pub fn bwd_workspace_elems(p: &crate::params::SsmParams, in_type: u8) -> i64 {
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
-    // Padded to 16 bytes, as ws_chan_size in cuda/scan_bwd.cu (float4 reads of the partials).
-    let chan = (b * p.dim as i64 * (3 * n + 2) + 3) & !3;
-    // Every layout a call of these flags may take (either family; the generic build's layout
-    // depends on the dtype class too).
-    let tiles = [(0u8, false), (0, true), (1, false), (1, true)]
-        .into_iter()
-        .map(|(in_type, wide)| {
-            let spec = KernelSpec::new(
-                true,
-                in_type,
-                p.dstate,
-                wide,
-                p.is_variable_b != 0,
-                p.is_variable_c != 0,
-                p.has_z != 0,
-            );
-            (p.dim / channels_per_block(p, spec.ks, spec.g, true).max(1)) as i64
-        })
-        .max()
-        .unwrap_or(1);
-    let part = b * tiles * n * l;
-    chan + (p.is_variable_b as i64 + p.is_variable_c as i64) * part
+    let slots = bwd_slots(p, in_type);
+    let chained = (slots as i64) < bwd_tiles(p, in_type);
+    let (chan, count) = bwd_counters(p, slots, chained);
+    let per = |ng: i32| if chained { ng as i64 } else { 1 };
+    let groups =
+        p.is_variable_b as i64 * per(p.b_ngroups) + p.is_variable_c as i64 * per(p.c_ngroups);
+    chan + count + groups * b * slots as i64 * n * l
 }
 
 fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
@@ -468,22 +495,41 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     let prog = Program::Scan(spec);
     let mut pp = p;
     let mut kch_arg = kch;
+    let mut slots_arg = bwd_slots(&p, spec.in_type);
     // SAFETY: the functions belong to the current context; the arguments are passed by value
     // (the driver copies them at launch); the stream is the caller's live stream on this device;
     // every pointer in `p` was validated by plan_forward / plan_backward.
     unsafe {
+        if backward && p.batch > 0 && p.dim > 0 {
+            // The ticket and the chain counters start at 0 (the caller's workspace, sized by
+            // bwd_workspace_elems for these flags).
+            let chained = (slots_arg as i64) < (p.dim / kch) as i64;
+            let (at, count) = bwd_counters(&p, slots_arg, chained);
+            if count > 0 {
+                drv::memset_d8_async(
+                    p.workspace_ptr + 4 * at as u64,
+                    0,
+                    4 * count as usize,
+                    stream as sys::CUstream,
+                )
+                .map_err(driver_err("zero the backward's counters"))?;
+            }
+        }
         if p.batch > 0 && p.dim > 0 {
             let mut args = [
                 &mut pp as *mut _ as *mut c_void,
                 &mut kch_arg as *mut _ as *mut c_void,
+                &mut slots_arg as *mut _ as *mut c_void,
             ];
+            // ssm_fwd takes (p, kch), ssm_bwd (p, kch, slots).
+            let nargs = if backward { 3 } else { 2 };
             drv::launch_kernel(
                 main,
                 ((p.dim / kch) as u32, p.batch as u32, 1),
                 (threads, 1, 1),
                 smem,
                 stream as sys::CUstream,
-                &mut args,
+                &mut args[..nargs],
             )
             .map_err(driver_err(if backward {
                 "launch ssm_bwd"
@@ -506,6 +552,7 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
                 let mut args = [
                     &mut pp as *mut _ as *mut c_void,
                     &mut kch_arg as *mut _ as *mut c_void,
+                    &mut slots_arg as *mut _ as *mut c_void,
                 ];
                 drv::launch_kernel(
                     red,

@@ -173,11 +173,12 @@ def _ngroups(X: torch.Tensor) -> int:
     return 0 if X.dim() == 2 else (1 if X.dim() == 3 else X.shape[1])
 
 
-def _workspace(u, A, B, C):
+def _workspace(u, A, B, C, z):
     if u.device.type != "cuda":
         return None
     batch, dim, seqlen = u.shape
-    n = _native.cuda_bwd_workspace_size(batch, dim, A.shape[1], seqlen, _ngroups(B), _ngroups(C))
+    n = _native.cuda_bwd_workspace_size(batch, dim, A.shape[1], seqlen, _ngroups(B), _ngroups(C),
+                                        str(u.dtype).removeprefix("torch."), z is not None)  # fmt: skip
     return torch.empty(max(n, 1), dtype=torch.float32, device=u.device)
 
 
@@ -371,7 +372,7 @@ def _backward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, states, d
         capsule(dout), capsule(dlast), capsule(du), capsule(ddelta), capsule(dA),
         capsule(dB), capsule(dC), capsule(dD), capsule(dz), capsule(ddelta_bias),
         capsule(dh0), bool(delta_softplus), chunk, stream_of(u),
-        workspace=capsule(_workspace(u, A, B, C)), seq_idx=capsule(seq_idx), num_seqs=num_seqs,
+        workspace=capsule(_workspace(u, A, B, C, z)), seq_idx=capsule(seq_idx), num_seqs=num_seqs,
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
