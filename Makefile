@@ -45,8 +45,9 @@ run: build $(STAMP)
 # release build of the wheel: `make test` runs them at low priority while the release build,
 # which keeps one core busy for most of its time, goes first (it and the pytest suite after
 # it, NVRTC-bound on every core, are the critical path).
+# Incremental compilation off for the one-shot test and lint builds (it only adds work there).
 test-rust: $(TOOLS)
-	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests $(LOW) cargo test
+	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests CARGO_INCREMENTAL=0 $(LOW) cargo test
 
 test-py: build $(STAMP)
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider . -o testpaths=.
@@ -69,7 +70,7 @@ test: $(TOOLS)
 # proc macros of the dependencies (cargo runs them one after the other there).
 lint: $(TOOLS)
 	cargo fmt --check
-	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests cargo clippy --all-targets -- -D warnings
+	PYO3_PYTHON=$(abspath $(PY)) CARGO_TARGET_DIR=target/unit-tests CARGO_INCREMENTAL=0 cargo clippy --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benchmarks
 	$(VENV)/bin/ruff format --check python tests benchmarks
 

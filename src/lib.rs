@@ -782,6 +782,27 @@ fn log_cold_compile(label: &str, arch: &str, dir: Option<&std::path::Path>) {
     });
 }
 
+/// The disk cache could not take a kernel: warn once per process (RuntimeWarning), naming the
+/// directory and the error; the kernels stay in memory.
+fn warn_cache_write(dir: &std::path::Path, err: &str) {
+    static FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    if !FIRST.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let msg = format!(
+        "mamba_scan: cannot write the CUDA kernel cache in {} ({err}); compiled kernels stay in \
+         this process's memory only (set MAMBA_SCAN_CACHE_DIR to a writable directory)",
+        dir.display()
+    );
+    Python::attach(|py| {
+        // Best effort, as the logging: a failure here must not fail the kernel call.
+        let _ = py.import("warnings").and_then(|w| {
+            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+            w.call_method1("warn", (msg, category, 2))
+        });
+    });
+}
+
 /// The cubin and ptxas log of one specialisation (for inspecting SASS with cuobjdump/nvdisasm).
 #[pyfunction]
 #[pyo3(signature = (arch, backward, in_type, dstate, var_b, var_c, has_z, wide=false))]
@@ -837,6 +858,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile_worker_error, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile_program, m)?)?;
     let _ = cuda::compile::COLD_COMPILE_HOOK.set(log_cold_compile);
+    let _ = cuda::compile::CACHE_WRITE_HOOK.set(warn_cache_write);
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_cubin, m)?)?;
     let py = m.py();

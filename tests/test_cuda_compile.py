@@ -135,3 +135,101 @@ def test_backward_workspace_holds_one_partial_per_tile():
     assert copies == int(copies) and 48 <= copies <= 192, copies
     with pytest.raises(_native.DTypeError, match="dtype"):
         size(*shape, 1, 1, "float64", True)
+
+
+# The kernel cache (one small forward program, ~1 s of NVRTC per compile).
+SMALL = "ssm_fwd in0 ks2 g2 varB1 varC1 z0 chunk32 tile32"
+
+
+def _entries(d):
+    return sorted(p for p in d.iterdir() if p.suffix == ".cubin")
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncated", "empty"])
+def test_damaged_cache_entry_is_recompiled(damage, tmp_path, monkeypatch, caplog):
+    """An entry whose bytes no longer match its checksum is not loaded: the kernel is compiled
+    again (the same cubin) and the entry rewritten."""
+    monkeypatch.setenv("MAMBA_SCAN_CACHE_DIR", str(tmp_path))
+    index = _native.cuda_program_names().index(SMALL)
+    first = _native.cuda_compile_program("sm_90", index, use_cache=True)
+    (entry,) = _entries(tmp_path)
+    good = entry.read_bytes()
+    data = bytearray(good)
+    if damage == "bit flip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[: len(data) // 2] if damage == "truncated" else bytearray()
+    entry.write_bytes(bytes(data))
+    with caplog.at_level(logging.DEBUG, logger="mamba_scan"):
+        again = _native.cuda_compile_program("sm_90", index, use_cache=True)
+    assert any(f"compiling CUDA kernel {SMALL}" in r.getMessage() for r in caplog.records)
+    assert again[3] == first[3]
+    assert entry.read_bytes() == good
+
+
+# Compiles SMALL twice through the disk cache of MAMBA_SCAN_CACHE_DIR (after limiting the size
+# of files this process may write, if asked: a full disk) and reports the warnings it got.
+UNWRITABLE_SCRIPT = """
+import resource, signal, sys, warnings
+if sys.argv[2] == "full":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from mamba_scan import _native
+from mamba_scan._boundary import ensure_cuda_libs
+ensure_cuda_libs()
+i = _native.cuda_program_names().index(sys.argv[1])
+with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter("always")
+    a = _native.cuda_compile_program("sm_90", i, use_cache=True)
+    b = _native.cuda_compile_program("sm_90", i, use_cache=True)
+assert a[3] == b[3]
+print(len(got), got[0].category.__name__ if got else "", got[0].message if got else "")
+"""
+
+
+@pytest.mark.parametrize("kind", ["not a directory", "full"])
+def test_unwritable_cache_warns_once_and_compiles_in_memory(kind, tmp_path):
+    """A cache directory that cannot take the kernel (a path under a file; a disk that takes no
+    more bytes) gives one RuntimeWarning naming it, and the kernels still compile and run."""
+    if kind == "full":
+        cache = tmp_path / "cache"
+    else:
+        (tmp_path / "file").write_text("x")
+        cache = tmp_path / "file" / "cache"
+    env = dict(os.environ, MAMBA_SCAN_CACHE_DIR=str(cache))
+    out = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE_SCRIPT, SMALL, "full" if kind == "full" else "-"],
+        check=True, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__),
+    ).stdout  # fmt: skip
+    count, category, message = out.strip().split(" ", 2)
+    assert (count, category) == ("1", "RuntimeWarning"), out
+    assert "cannot write the CUDA kernel cache" in message and str(cache.parent) in message
+    assert not cache.exists() or not _entries(cache)
+
+
+CONCURRENT_SCRIPT = """
+import sys
+from mamba_scan import _native
+from mamba_scan._boundary import ensure_cuda_libs
+ensure_cuda_libs()
+print(_native.cuda_compile_program("sm_90", _native.cuda_program_names().index(sys.argv[1]),
+                                   use_cache=True)[3])
+"""
+
+
+def test_processes_filling_one_cache_at_once(tmp_path):
+    """8 processes compile the same kernel into one empty cache directory at once: the same
+    cubin everywhere, one complete entry, no temporary file left; a ninth process loads it."""
+    env = dict(os.environ, MAMBA_SCAN_CACHE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-c", CONCURRENT_SCRIPT, SMALL]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(8)]
+    digests = {p.communicate()[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(digests) == 1
+    assert len(_entries(tmp_path)) == 1
+    (entry,) = _entries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]
+    stamp = entry.stat().st_mtime_ns, entry.stat().st_ino
+    ninth = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    assert ninth.stdout.strip() in digests
+    assert (entry.stat().st_mtime_ns, entry.stat().st_ino) == stamp  # loaded, not rewritten

@@ -964,7 +964,30 @@ const MAGIC: &[u8; 8] = b"MSCUBIN1";
 pub static COLD_COMPILE_HOOK: std::sync::OnceLock<fn(&str, &str, Option<&std::path::Path>)> =
     std::sync::OnceLock::new();
 
-/// Compile through the disk cache. A missing, unreadable or corrupt entry is recompiled.
+/// Called when the disk cache cannot take a compiled kernel (a read-only or full directory, a
+/// path that is not a directory), with the directory and the error: the kernel then lives in this
+/// process's memory only. Set once by the binding layer (the Python module warns, once).
+pub static CACHE_WRITE_HOOK: std::sync::OnceLock<fn(&std::path::Path, &str)> =
+    std::sync::OnceLock::new();
+
+/// Write `data` to `path` through a temporary name and a rename, so that readers (other
+/// processes compiling the same kernel at the same time) never see half a file.
+fn write_entry(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Compile through the disk cache. A missing, unreadable or corrupt entry (checked against the
+/// checksum it carries: a truncated or bit-flipped file) is recompiled and rewritten; the key
+/// covers the source, the options, the architecture and the NVRTC version, so an entry of
+/// another NVRTC is never read.
 pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version()?;
     let ver = format!("nvrtc {maj}.{min}");
@@ -996,17 +1019,14 @@ pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
     }
     let c = compile(spec, arch)?;
     if let Some(path) = &path {
-        // Best effort: write to a temporary name and rename, so readers never see half a file.
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
         let mut data = Vec::with_capacity(c.cubin.len() + 16);
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&fnv64(&[&c.cubin]).to_le_bytes());
         data.extend_from_slice(&c.cubin);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &data).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
+        if let Err(e) = write_entry(path, &data) {
+            if let (Some(hook), Some(dir)) = (CACHE_WRITE_HOOK.get(), path.parent()) {
+                hook(dir, &e.to_string());
+            }
         }
     }
     Ok(c.cubin)
