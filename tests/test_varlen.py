@@ -5,6 +5,7 @@ is present (run on the device machine)."""
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -59,7 +60,9 @@ def test_varlen_parity(device, dtype, b_mode, c_mode, has_h0):
     float64 by the parity rule. The CUDA backward takes per-sequence states only where
     sequences start at multiples of its tile: there the random layout runs without states, and
     an aligned layout (32-step multiples) with them."""
-    gen = torch.Generator().manual_seed(hash((dtype, b_mode, c_mode, has_h0)) % 1000)
+    # A seed that is the same in every process (str hashes are randomised per process, which
+    # made the layout, and so the test, differ between runs).
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {b_mode} {c_mode} {has_h0}".encode()))
     seqlen = 300
     seq, ns = make_seq_idx(2, seqlen, gen, pad=5, max_len=70)
     states = device == "cpu"
