@@ -374,3 +374,16 @@ def test_cuda_states_inside_tiles():
         res.append([out, last] + [v.grad for v in kw.values()] + [h.grad])
     for c, g in zip(*res):
         torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed,has_h0", [(19, True), (29, False)])
+def test_fp32_sums_over_time_meet_the_rule(seed, has_h0):
+    """Inputs where the CPU backward's fp32 sums over time (dA with fixed B and C) exceeded the
+    parity rule while each 256-step chunk was summed step by step (now in 16-step blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq, ns = make_seq_idx(2, 300, gen, pad=5, max_len=70)
+    inp = make_inputs(batch=2, dim=8, seqlen=300, dstate=16, b_mode="fixed", c_mode="fixed",
+                      seed=3)  # fmt: skip
+    if has_h0:
+        inp["initial_state"] = per_seq_h0(ns, 8, 16, "cpu", gen)
+    check_parity(inp, seq_idx=seq, num_seqs=ns, last=True, label=f"seed {seed}")
