@@ -17,16 +17,11 @@ import time
 import torch
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calls", type=int, default=3000)
-    ap.add_argument("--label", default="")
-    a = ap.parse_args()
-    import mamba_scan
+def tiny_calls(dev: str):
+    """The timed public calls at batch 1, dim 16, dstate 16, L 1 (bf16 on CUDA, fp32 on the CPU):
+    [(name, call, under no_grad)], and the scan / state-update tensors they use."""
     from mamba_scan import causal_conv1d_update, selective_scan_fn, selective_state_update
 
-    dev = a.device
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     g = torch.Generator(device=dev).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
@@ -45,6 +40,19 @@ def main() -> int:
         ("selective_state_update", lambda: selective_state_update(state, x, dtt, A, Bs, Cs, D, x, bias, True), True),
         ("causal_conv1d_update", lambda: causal_conv1d_update(x, conv_state, w, cb, "silu"), True),
     ]  # fmt: skip
+    return rows, (u, delta, A, B, C, D, z, bias, state, x, dtt, Bs, Cs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--label", default="")
+    a = ap.parse_args()
+    import mamba_scan
+
+    dev = a.device
+    rows, (u, delta, A, B, C, D, z, bias, state, x, dtt, Bs, Cs) = tiny_calls(dev)
     ops = getattr(torch.ops, "mamba_scan", None)
     if ops is not None and hasattr(ops, "selective_scan_fwd"):
         rows += [

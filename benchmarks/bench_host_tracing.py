@@ -26,8 +26,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calls", type=int, default=2000)
     a = ap.parse_args()
+    from bench_host_time import tiny_calls
+
     import mamba_scan
-    from mamba_scan import causal_conv1d_update, selective_scan_fn, selective_state_update
 
     names = ("selective_scan", "state_update", "conv1d")
     mods = [importlib.import_module(f"mamba_scan.ops.{m}") for m in names]
@@ -46,24 +47,7 @@ def main() -> int:
             m.tracing = f
 
     dev = a.device
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    g = torch.Generator(device=dev).manual_seed(0)
-    r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
-    b, d, n, L = 1, 16, 16, 1
-    u, delta, z = r(b, d, L).to(dt), r(b, d, L).to(dt), r(b, d, L).to(dt)
-    A, D, bias = -r(d, n).abs(), r(d), r(d)
-    B, C = r(b, 1, n, L).to(dt), r(b, 1, n, L).to(dt)
-    ug = u.clone().requires_grad_()
-    state, x, dtt = r(b, d, n), r(b, d).to(dt), r(b, d).to(dt)
-    Bs, Cs = r(b, n).to(dt), r(b, n).to(dt)
-    conv_state, w, cb = r(b, d, 3).to(dt), r(d, 4).to(dt), r(d).to(dt)
-    rows = [
-        ("selective_scan_fn, no grad", lambda: selective_scan_fn(u, delta, A, B, C, D, z, bias, True), True),
-        ("selective_scan_fn, u requires grad (forward)",
-         lambda: selective_scan_fn(ug, delta, A, B, C, D, z, bias, True), False),
-        ("selective_state_update", lambda: selective_state_update(state, x, dtt, A, Bs, Cs, D, x, bias, True), True),
-        ("causal_conv1d_update", lambda: causal_conv1d_update(x, conv_state, w, cb, "silu"), True),
-    ]  # fmt: skip
+    rows, _ = tiny_calls(dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"| call ({dev}, batch 1, dim 16, dstate 16, L 1) | tracing() per call | us, as shipped "
           "| us, check replaced by `lambda: False` | difference, median of paired rounds |")  # fmt: skip

@@ -16,20 +16,10 @@ import argparse
 import statistics
 
 import torch
+from bench_cuda import GRID
 
-SHAPES = [
-    ("bf16", (8, 1536, 16, 2048)),
-    ("bf16", (4, 4096, 16, 2048)),
-    ("bf16", (16, 2048, 16, 512)),
-    ("bf16", (64, 1536, 16, 128)),
-    ("bf16", (1, 5120, 16, 16384)),
-    ("bf16", (2, 2048, 16, 65536)),
-    ("bf16", (8, 1536, 64, 2048)),
-    ("bf16", (4, 2048, 128, 1024)),
-    ("bf16", (2, 1024, 256, 1024)),
-    ("fp32", (8, 1536, 16, 2048)),
-    ("fp16", (8, 1536, 16, 2048)),
-]
+# bench_cuda's grid, and dstate 256 and fp16.
+SHAPES = GRID + [("bf16", (2, 1024, 256, 1024)), ("fp16", (8, 1536, 16, 2048))]
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
