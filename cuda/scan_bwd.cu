@@ -20,9 +20,9 @@
 // workspace slot each and ssm_bwd_reduce adds the slots and the chains' sums in a fixed order.
 // Bitwise reproducible.
 //
-// The chains: the channel tiles x of a batch row are dealt round-robin to `slots` chains (with
-// as many chains as tiles, each tile writes its own partial: no counters, no waits)
-// (x mod slots). Each chain holds one fp32 (group, n, step) sum in the workspace; at each flush
+// The chains: the channel tiles x of a batch row are dealt round-robin to `slots` chains
+// (x mod slots; with as many chains as tiles, the default, each tile writes its own partial: no
+// counters, no waits). Each chain holds one fp32 (group, n, step) sum in the workspace; at each flush
 // the x-th tile adds its partial to its chain's sum after the tile before it in the chain
 // (x - slots) has added its own (a per-(row, chain, step) counter, release / acquire), or
 // writes it if it is the first of its group in the chain. The workspace thus holds `slots` fp32
@@ -100,8 +100,9 @@ __device__ __forceinline__ int part_at(int w, int which, int n, int ii) {
 
 // Workspace layout (4-byte words): [batch][dim][3 N + 2] per-channel sums (dA, fixed dB, fixed
 // dC, dD, ddelta_bias), padded to 16 bytes; with variable B or C and fewer chains than tiles then
-// the counters (zeroed by the launcher): the ticket, then [batch][slots][L + 64] chain counters (one per flush's first step;
-// the last tile's flushes may start past L), padded to 16 bytes; then the chains' variable-dB sums
+// the counters (zeroed by the launcher): the ticket, then [batch][slots][L + 64] chain counters
+// (one per flush's first step; the last tile's flushes may start past L), padded to 16 bytes;
+// then the chains' variable-dB sums
 // [batch][slots][groups][N][L] ([batch][tiles][N][L] when each tile is its own chain: a tile
 // writes its group's rows only), then the variable-dC sums (16-byte aligned rows when L % 4 == 0:
 // the reduce reads them as float4). The Rust side sizes the workspace and zeroes the counters by

@@ -412,10 +412,6 @@ impl KernelSpec {
     }
 }
 
-/// Extra `-D` options for the scan kernels from MAMBA_SCAN_CUDA_DEFINES (whitespace-separated,
-/// e.g. "-DkFwdU=16"): a tuning knob for A/B runs of the kernels' compile-time constants on the
-/// device. Anything that is not a `-D` option is ignored. Read once per process (the compiled
-/// kernels are cached per process too); the options are part of the disk cache key.
 /// MAMBA_SCAN_BWD_SLOTS (read once per process): sum the scan backward's variable dB / dC in
 /// this many ordered chains of tiles (src/cuda/mod.rs, bwd_slots) instead of one partial per tile.
 pub fn bwd_slots_forced() -> Option<i64> {
@@ -429,6 +425,10 @@ pub fn bwd_slots_forced() -> Option<i64> {
     })
 }
 
+/// Extra `-D` options for the scan kernels from MAMBA_SCAN_CUDA_DEFINES (whitespace-separated,
+/// e.g. "-DkFwdU=16"): a tuning knob for A/B runs of the kernels' compile-time constants on the
+/// device. Anything that is not a `-D` option is ignored. Read once per process (the compiled
+/// kernels are cached per process too); the options are part of the disk cache key.
 pub fn tuning_defines() -> &'static [String] {
     static DEFINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     DEFINES.get_or_init(|| {

@@ -402,9 +402,11 @@ fn bwd_flush_steps(spec: &KernelSpec) -> u32 {
 /// variable B and C). MAMBA_SCAN_BWD_SLOTS=k (read once per process) takes k chains instead:
 /// k copies, at the cost of one hand-over per flush of the sums (measured on the H200: the
 /// backward 10-25% slower at dstate 16, 30-70% at 64-256: benchmarks/results/scan_memory_h200.md).
-pub fn bwd_slots(p: &crate::params::SsmParams, in_type: u8) -> i32 {
+/// Returns (chains, whether they are fewer than the tiles: the hand-over runs).
+fn bwd_slots(p: &crate::params::SsmParams, in_type: u8) -> (i32, bool) {
     let tiles = bwd_tiles(p, in_type);
-    compile::bwd_slots_forced().unwrap_or(tiles).clamp(1, tiles) as i32
+    let slots = compile::bwd_slots_forced().unwrap_or(tiles).clamp(1, tiles);
+    (slots as i32, slots < tiles)
 }
 
 /// Tiles of channels per batch row of the backward a call of these flags and this input type
@@ -442,8 +444,7 @@ fn bwd_counters(p: &crate::params::SsmParams, slots: i32, chained: bool) -> (i64
 /// layout the launch will pick.
 pub fn bwd_workspace_elems(p: &crate::params::SsmParams, in_type: u8) -> i64 {
     let (b, n, l) = (p.batch as i64, p.dstate as i64, p.seqlen as i64);
-    let slots = bwd_slots(p, in_type);
-    let chained = (slots as i64) < bwd_tiles(p, in_type);
+    let (slots, chained) = bwd_slots(p, in_type);
     let (chan, count) = bwd_counters(p, slots, chained);
     let per = |ng: i32| if chained { ng as i64 } else { 1 };
     let groups =
@@ -495,7 +496,12 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
     let prog = Program::Scan(spec);
     let mut pp = p;
     let mut kch_arg = kch;
-    let mut slots_arg = bwd_slots(&p, spec.in_type);
+    // The backward's chains (unused by the forward, which takes two arguments).
+    let (mut slots_arg, chained) = if backward {
+        bwd_slots(&p, spec.in_type)
+    } else {
+        (0, false)
+    };
     // SAFETY: the functions belong to the current context; the arguments are passed by value
     // (the driver copies them at launch); the stream is the caller's live stream on this device;
     // every pointer in `p` was validated by plan_forward / plan_backward.
@@ -503,7 +509,6 @@ fn launch(plan: &Plan, stream: u64, backward: bool) -> Result<()> {
         if backward && p.batch > 0 && p.dim > 0 {
             // The ticket and the chain counters start at 0 (the caller's workspace, sized by
             // bwd_workspace_elems for these flags).
-            let chained = (slots_arg as i64) < (p.dim / kch) as i64;
             let (at, count) = bwd_counters(&p, slots_arg, chained);
             if count > 0 {
                 drv::memset_d8_async(
