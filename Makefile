@@ -26,7 +26,7 @@ $(TOOLS): pyproject.toml
 	touch $(TOOLS)
 
 $(STAMP): $(TOOLS)
-	$(UV) pip install -q --python $(PY) torch numpy pytest transformers
+	$(UV) pip install -q --python $(PY) torch numpy pytest hypothesis transformers
 	touch $(STAMP)
 
 tools: $(TOOLS)

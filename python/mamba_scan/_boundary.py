@@ -6,7 +6,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from . import _native
-from ._native import DTypeError, ShapeError
+from ._native import DeviceError, DTypeError, ShapeError
 
 
 def capsule(t: torch.Tensor | None):
@@ -96,6 +96,55 @@ def require_tensor(x, name: str, optional: bool = False):
         raise DTypeError(f"{name}: expected {kind}; got {type(x).__name__}")
     if x.dim() == 0:
         raise ShapeError(f"{name}: expected a tensor with at least one dimension; got a scalar")
+
+
+def check_devices(**tensors) -> None:
+    """Every tensor given (anything else skipped: the type checks are elsewhere) on the first
+    one's device, and that a CPU or CUDA device; the error names the argument."""
+    first = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type not in ("cpu", "cuda"):
+            raise DeviceError(f"{name}: tensors must be on a CPU or CUDA device; got {t.device}")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise DeviceError(
+                f"{name}: is on {t.device} but {first[0]} is on {first[1]}; "
+                "all tensors must be on one device"
+            )
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def require_float(t, name: str) -> None:
+    """A floating tensor (or None): the dtype check that must come before any allocation."""
+    if t is not None and t.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{name}: expected float32, float16, bfloat16 or float64; got {t.dtype}")
+
+
+def check_index(t, name: str, n: int | tuple | None = None) -> None:
+    """An optional index argument: an int32 / int64 tensor of shape (n,) (or the shape n)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(
+            f"{name}: expected an integer torch.Tensor or None; got {type(t).__name__}"
+        )
+    if t.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"{name}: expected int32 or int64; got {t.dtype}")
+    want = n if isinstance(n, tuple) else (n,)
+    if t.dim() != len(want) or (n is not None and tuple(t.shape) != want):
+        shown = (
+            "(batch,)"
+            if n is None
+            else str(want).replace(",)", ")")
+            if len(want) > 1
+            else str(want)
+        )
+        raise ShapeError(f"{name}: must have shape {shown}; got {tuple(t.shape)}")
 
 
 def last_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:

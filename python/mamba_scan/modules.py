@@ -111,9 +111,9 @@ class Mamba(nn.Module):
                              activation="silu")  # fmt: skip
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(-1, self.d_inner))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (self.dt_proj.weight @ dt.t()).view(-1, batch, seqlen).transpose(0, 1)
-        B = B.view(batch, seqlen, -1).transpose(1, 2).contiguous()
-        C = C.view(batch, seqlen, -1).transpose(1, 2).contiguous()
+        dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, seqlen).transpose(0, 1)
+        B = B.view(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
+        C = C.view(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
         y = selective_scan_fn(x, dt.contiguous(), A, B, C, _f32(self.D), z=z,
                               delta_bias=_f32(self.dt_proj.bias), delta_softplus=True,
                               return_last_state=ssm_state is not None, seq_idx=seq_idx)  # fmt: skip

@@ -239,7 +239,9 @@ def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None,
         xp = torch.cat([initial_states.to(weight.dtype), xw], dim=-1)
     else:
         xp = F.pad(xw, (width - 1, 0))
-    if seq_idx is None:
+    if seqlen == 0:
+        out = xw.clone()
+    elif seq_idx is None:
         out = F.conv1d(xp, weight.unsqueeze(1), bias, padding=0, groups=dim)
     else:
         out = (
@@ -344,13 +346,16 @@ def mamba_inner_composition(conv_fn, scan_fn, xz, conv1d_weight, conv1d_bias, x_
     x, z = xz.chunk(2, dim=1)
     x = conv_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu", **sq)
     x_dbl = F.linear(x.transpose(1, 2).reshape(-1, x.shape[1]), x_proj_weight)  # (b l, r + 2n)
-    delta = (delta_proj_weight @ x_dbl[:, :dt_rank].t()).view(-1, xz.shape[0], L).transpose(0, 1)
+    delta = (delta_proj_weight @ x_dbl[:, :dt_rank].t()).view(
+        delta_proj_weight.shape[0], xz.shape[0], L
+    )
+    delta = delta.transpose(0, 1)
     if dt_rms_weight is not None:
         delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
 
     def per_step(X):  # (b l, n_cols) -> (batch, d_state, L) or, complex, (batch, d_state, 2 L)
         X = X.view(xz.shape[0], L, A.shape[-1], n_cols // A.shape[-1])
-        return X.permute(0, 2, 1, 3).reshape(xz.shape[0], A.shape[-1], -1).contiguous()
+        return X.permute(0, 2, 1, 3).reshape(xz.shape[0], A.shape[-1], X.shape[1] * X.shape[3])
 
     if B is None:
         B = x_dbl[:, dt_rank : dt_rank + n_cols]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ._boundary import check_devices, check_index, require_float, require_tensor
 from ._native import DTypeError, ShapeError
 from .ops.conv1d import causal_conv1d_fn as _conv
 from .ops.conv1d import causal_conv1d_update as _conv_update
+from .ops.selective_scan import _seq_idx_of_starts
 from .ops.selective_scan import selective_scan_fn as _scan
-from .ops.selective_scan import seq_idx_from_cu_seqlens
 
 PAD_SLOT_ID = -1
 
@@ -24,11 +25,16 @@ PAD_SLOT_ID = -1
 def _seq_layout(u, query_start_loc):
     """(batch-first u view, seq_idx, num_seqs) for varlen (dim, total) or (batch, dim, seqlen)."""
     if query_start_loc is not None:
+        check_index(query_start_loc, "query_start_loc")
         if u.dim() != 2:
             raise ShapeError(f"u: with query_start_loc must be (dim, total_tokens); got "
                              f"{tuple(u.shape)}")  # fmt: skip
         total = u.shape[1]
-        return True, seq_idx_from_cu_seqlens(query_start_loc, total), query_start_loc.numel() - 1
+        return (
+            True,
+            _seq_idx_of_starts(query_start_loc, total, "query_start_loc"),
+            query_start_loc.numel() - 1,
+        )
     if u.dim() != 3:
         raise ShapeError(f"u: must be (batch, dim, seqlen) without query_start_loc; got "
                          f"{tuple(u.shape)}")  # fmt: skip
@@ -37,18 +43,33 @@ def _seq_layout(u, query_start_loc):
     return False, seq.contiguous(), batch
 
 
-def _slots(cache_indices, num_seqs, pad_slot_id, dev):
-    """(slot per sequence as int64, valid mask, slot safe to read) from vLLM's cache_indices."""
+def _slots(cache_indices, num_seqs, pad_slot_id, dev, rows):
+    """(slot per sequence as int64, valid mask, slot safe to read) from vLLM's cache_indices.
+    An entry outside [0, rows) that is not pad_slot_id, or two entries naming one slot, are
+    refused on the CPU; on CUDA (where checking would read the indices back to the host) the
+    first is treated as padding and the second is the caller's error."""
     if cache_indices is None:
         cache_indices = torch.arange(num_seqs, device=dev)
-    if cache_indices.dim() != 1 or cache_indices.numel() != num_seqs:
-        raise ShapeError(f"cache_indices: must be ({num_seqs},) (one slot per sequence); got "
-                         f"{tuple(cache_indices.shape)}")  # fmt: skip
-    if cache_indices.is_floating_point() or cache_indices.dtype == torch.bool:
-        raise DTypeError(f"cache_indices: expected an integer tensor; got {cache_indices.dtype}")
+    check_index(cache_indices, "cache_indices", num_seqs)
     idx = cache_indices.to(torch.long)
-    valid = idx != pad_slot_id
+    valid = (idx != pad_slot_id) & (idx >= 0) & (idx < rows)
+    if not idx.is_cuda and bool(((idx != pad_slot_id) & ~valid).any()):
+        raise ShapeError(f"cache_indices: entries must be pad_slot_id ({pad_slot_id}) or slots in "
+                         f"[0, {rows}); got {idx.tolist()}")  # fmt: skip
+    if not idx.is_cuda and idx[valid].unique().numel() != int(valid.sum()):
+        raise ShapeError(f"cache_indices: two sequences name one slot; got {idx.tolist()}")
     return idx, valid, torch.where(valid, idx, torch.zeros_like(idx))
+
+
+def _check_flags(has_initial_state, num_seqs):
+    if has_initial_state is None:
+        return
+    if not isinstance(has_initial_state, torch.Tensor):
+        raise DTypeError(f"has_initial_state: expected a bool tensor or None; got "
+                         f"{type(has_initial_state).__name__}")  # fmt: skip
+    if has_initial_state.shape != (num_seqs,):
+        raise ShapeError(f"has_initial_state: must have shape ({num_seqs},) (one flag per "
+                         f"sequence); got {tuple(has_initial_state.shape)}")  # fmt: skip
 
 
 def _write_slots(cache, idx, valid, values):
@@ -89,17 +110,29 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     Returns the output, shaped like u; like vLLM it is also written into ``z`` (or ``delta``
     without z) in place.
     """
+    for name, t in (("u", u), ("ssm_states", ssm_states), ("delta", delta), ("A", A), ("B", B),
+                    ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):  # fmt: skip
+        require_tensor(t, name, optional=name in ("D", "z", "delta_bias"))
+    require_float(ssm_states, "ssm_states")
+    check_devices(u=u, ssm_states=ssm_states, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                  delta_bias=delta_bias, query_start_loc=query_start_loc,
+                  cache_indices=cache_indices, has_initial_state=has_initial_state)  # fmt: skip
     varlen, seq_idx, num_seqs = _seq_layout(u, query_start_loc)
     dev = u.device
     if ssm_states.dim() != 3:
         raise ShapeError(f"ssm_states: must be (cache_rows, dim, dstate); got "
                          f"{tuple(ssm_states.shape)}")  # fmt: skip
-    idx, valid, safe = _slots(cache_indices, num_seqs, pad_slot_id, dev)
+    dim = u.shape[0] if varlen else u.shape[1]
+    if A.dim() != 2 or tuple(ssm_states.shape[1:]) != (dim, A.shape[-1]):
+        raise ShapeError(f"ssm_states: must be (cache_rows, dim, dstate) = (cache_rows, {dim}, "
+                         f"{A.shape[-1]}); got {tuple(ssm_states.shape)}")  # fmt: skip
+    idx, valid, safe = _slots(cache_indices, num_seqs, pad_slot_id, dev, ssm_states.shape[0])
     # Pad entries: their tokens become padding (-1) for the scan (no state read or written).
     seq_idx = torch.where(
         (seq_idx >= 0) & valid[seq_idx.clamp(min=0).long()], seq_idx, torch.full_like(seq_idx, -1)
     )
-    h0 = ssm_states[safe].to(torch.float32)
+    h0 = ssm_states[safe].to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    _check_flags(has_initial_state, num_seqs)
     start = valid if has_initial_state is None else valid & has_initial_state.to(torch.bool)
     h0 = torch.where(start[:, None, None], h0, torch.zeros_like(h0))
     if varlen:
@@ -111,6 +144,9 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
                        initial_state=h0, seq_idx=seq_idx, num_seqs=num_seqs)  # fmt: skip
     if varlen:
         out = out[0]
+        # An empty sequence ends where it starts (the scan reports 0 for a number it never saw).
+        qsl = query_start_loc.to(device=dev, dtype=torch.long)
+        final = torch.where((qsl[1:] > qsl[:-1])[:, None, None], final, h0.to(final.dtype))
     _write_slots(ssm_states, idx, valid, final)
     dst = z if z is not None else delta
     dst.copy_(out)
@@ -159,9 +195,10 @@ def causal_conv1d_fn(x, weight, bias, conv_states, query_start_loc, cache_indice
                          "cumulative lengths")  # fmt: skip
     dev = x.device
     n = query_start_loc.numel() - 1
-    idx, valid, safe = _slots(cache_indices, n, pad_slot_id, dev)
+    idx, valid, safe = _slots(cache_indices, n, pad_slot_id, dev, conv_states.shape[0])
     qsl = query_start_loc.to(torch.long)
     starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
+    _check_flags(has_initial_state, n)
     if has_initial_state is None:
         use = torch.zeros_like(valid)
     else:
@@ -170,7 +207,7 @@ def causal_conv1d_fn(x, weight, bias, conv_states, query_start_loc, cache_indice
     S = torch.where(use[:, None, None], S, torch.zeros_like(S))
     # The extended row: sequence i's k state columns, then its tokens; tokens past the last
     # sequence (seq_idx -1) go after everything.
-    seq = seq_idx_from_cu_seqlens(query_start_loc, total).reshape(-1).to(torch.long)
+    seq = _seq_idx_of_starts(query_start_loc, total, "query_start_loc").reshape(-1).to(torch.long)
     tok = torch.arange(total, device=dev)
     pos_tok = tok + k * torch.where(seq >= 0, seq + 1, torch.full_like(seq, n))
     j = torch.arange(k, device=dev)

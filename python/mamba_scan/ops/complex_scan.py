@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .._boundary import require_float
 from .._native import DTypeError, ShapeError
 
 # Steps per phase frame (see the module docstring): short where the real scan runs in float32
@@ -77,6 +78,12 @@ def complex_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             f"A: must have shape (dim, dstate) = ({dim}, dstate); got {tuple(A.shape)}"
         )
     N = A.shape[1]
+    for name, t, shape in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)),
+                           ("z", z, (batch, dim, L))):  # fmt: skip
+        if t is not None and tuple(t.shape) != shape:
+            raise ShapeError(f"{name}: must have shape {shape}; got {tuple(t.shape)}")
+    for name, t in (("u", u), ("delta", delta), ("z", z), ("D", D), ("delta_bias", delta_bias)):
+        require_float(t, name)
     f64 = u.dtype == torch.float64
     # The real scan's precision: float64 on the CPU (its kernels have it; see the module
     # docstring), float32 on CUDA.

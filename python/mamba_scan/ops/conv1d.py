@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._boundary import capsule, ensure_cuda_libs, new_empty, new_like, stream_of
+from .._boundary import (
+    capsule,
+    check_devices,
+    check_index,
+    ensure_cuda_libs,
+    new_empty,
+    new_like,
+    require_float,
+    require_tensor,
+    stream_of,
+)
 from .._native import DTypeError, ShapeError
 from .._ops import tracing
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
@@ -136,9 +146,17 @@ class CausalConv1dFn(torch.autograd.Function):
         return dx, dw, db, None, dh, None, None, None
 
 
-def _check(x, weight, name="x"):
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise DTypeError(f"{name} and weight: expected torch.Tensors")
+def _check(x, weight, name="x", **optional):
+    """Types and devices of the arguments (the kernels' contract checks shapes and dtypes)."""
+    require_tensor(x, name)
+    require_tensor(weight, "weight")
+    require_float(x, name)
+    for k, t in optional.items():
+        if k.endswith("_out"):
+            continue
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{k}: expected a torch.Tensor or None; got {type(t).__name__}")
+    check_devices(**{name: x, "weight": weight}, **optional)
     if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
         raise ShapeError(
             f"weight: must have shape (dim, width) = ({x.shape[1]}, width); got {tuple(weight.shape)}"
@@ -151,9 +169,14 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     bias: (dim,); seq_idx: (batch, seqlen); initial_states / final_states_out: (batch, dim,
     width - 1); activation: None, "silu" or "swish". Differentiable in x, weight, bias and
     initial_states."""
+    require_tensor(x, "x")
     if x.dim() != 3:
         raise ShapeError(f"x: must have shape (batch, dim, seqlen); got {tuple(x.shape)}")
-    _check(x, weight)
+    if final_states_out is not None and not isinstance(final_states_out, torch.Tensor):
+        raise DTypeError("final_states_out: expected a torch.Tensor or None")
+    _check(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+           final_states_out=final_states_out)  # fmt: skip
+    check_index(seq_idx, "seq_idx", (x.shape[0], x.shape[2]))
     if seq_idx is not None and (initial_states is not None or return_final_states):
         raise ValueError("seq_idx: cannot be combined with initial_states or return_final_states")
     if activation not in (None, "silu", "swish"):
@@ -178,11 +201,16 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
                          conv_state_indices=None):  # fmt: skip
     """x: (batch, dim) or (batch, dim, seqlen); conv_state: (batch, dim, state_len) updated in
     place (state_len >= width - 1); see ``causal_conv1d_update_ref``. Inference only."""
+    require_tensor(x, "x")
     if x.dim() not in (2, 3):
         raise ShapeError(
             f"x: must have shape (batch, dim) or (batch, dim, seqlen); got {tuple(x.shape)}"
         )
-    _check(x, weight)
+    require_tensor(conv_state, "conv_state")
+    _check(x, weight, conv_state=conv_state, bias=bias, cache_seqlens=cache_seqlens,
+           conv_state_indices=conv_state_indices)  # fmt: skip
+    check_index(cache_seqlens, "cache_seqlens", x.shape[0])
+    check_index(conv_state_indices, "conv_state_indices", x.shape[0])
     if (
         conv_state.dim() != 3
         or conv_state.shape[1] != x.shape[1]

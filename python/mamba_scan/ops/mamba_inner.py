@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._boundary import check_devices, require_float, require_tensor
+from .._native import ShapeError
 from ..reference import mamba_inner_composition
 from .conv1d import causal_conv1d_fn, conv_backward, conv_forward, kernel_ok
 from .selective_scan import _backward, _forward, _prepare, _prepare_seq, selective_scan_fn
@@ -89,7 +91,7 @@ class MambaInnerFn(torch.autograd.Function):
         if u is None:  # checkpoint_lvl 1: recompute the conv output and delta
             u, _ = conv_forward(x, w, conv1d_bias, seq_idx, None, True)
             delta = (delta_proj_weight @ x_dbl[:, :r].t()).view(d, batch, L).transpose(0, 1)
-        dout2 = dout.reshape(batch * L, -1)
+        dout2 = dout.reshape(batch * L, dout.shape[-1])
         # out = out_z^T W_out^T + b: gradients of the projection, then of the scan.
         dout_proj_weight = dout2.t() @ out_z.transpose(1, 2).reshape(batch * L, d)
         dout_proj_bias = dout2.sum(0) if ctx.has_out_bias else None
@@ -135,6 +137,52 @@ class MambaInnerFn(torch.autograd.Function):
                 dC_proj_bias, None, None, None)  # fmt: skip
 
 
+_REQUIRED = ("xz", "conv1d_weight", "x_proj_weight", "delta_proj_weight", "out_proj_weight", "A")
+
+
+def _check_args(**args):
+    """The arguments' types, devices and shapes, named as the caller passed them (the kernels
+    below would name them by their own parameters)."""
+    for name, t in args.items():
+        require_tensor(t, name, optional=name not in _REQUIRED)
+        if name not in ("A", "B", "C"):  # complex with a complex A
+            require_float(t, name)
+    check_devices(**args)
+    xz, A = args["xz"], args["A"]
+    if xz.dim() != 3 or xz.shape[1] % 2:
+        raise ShapeError(f"xz: must have shape (batch, 2 d_inner, seqlen); got {tuple(xz.shape)}")
+    d_inner = xz.shape[1] // 2
+    if A.dim() != 2 or A.shape[0] != d_inner:
+        raise ShapeError(f"A: must have shape (d_inner, d_state) = ({d_inner}, d_state); got "
+                         f"{tuple(A.shape)}")  # fmt: skip
+    d_state = A.shape[1]
+    w = args["conv1d_weight"]
+    if not (w.dim() == 3 and w.shape[:2] == (d_inner, 1) or w.dim() == 2 and w.shape[0] == d_inner):
+        raise ShapeError(f"conv1d_weight: must have shape (d_inner, 1, width) = ({d_inner}, 1, "
+                         f"width); got {tuple(w.shape)}")  # fmt: skip
+    dp = args["delta_proj_weight"]
+    if dp.dim() != 2 or dp.shape[0] != d_inner:
+        raise ShapeError(f"delta_proj_weight: must have shape (d_inner, dt_rank) = ({d_inner}, "
+                         f"dt_rank); got {tuple(dp.shape)}")  # fmt: skip
+    cols = dp.shape[1] + (2 if A.is_complex() else 1) * d_state * (
+        (args["B"] is None) + (args["C"] is None)
+    )
+    xp = args["x_proj_weight"]
+    if xp.dim() != 2 or xp.shape[0] < cols or xp.shape[1] != d_inner:  # extra rows unused
+        raise ShapeError(f"x_proj_weight: must have shape (dt_rank + d_state per variable B / C "
+                         f"or more, d_inner) = (>= {cols}, {d_inner}); got {tuple(xp.shape)}")  # fmt: skip
+    op = args["out_proj_weight"]
+    if op.dim() != 2 or op.shape[1] != d_inner:
+        raise ShapeError(f"out_proj_weight: must have shape (d_model, d_inner) = (d_model, "
+                         f"{d_inner}); got {tuple(op.shape)}")  # fmt: skip
+    want = {"conv1d_bias": (d_inner,), "out_proj_bias": (op.shape[0],), "B": (d_inner, d_state),
+            "C": (d_inner, d_state), "D": (d_inner,), "delta_bias": (d_inner,)}  # fmt: skip
+    for name, shape in want.items():
+        t = args[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ShapeError(f"{name}: must have shape {shape}; got {tuple(t.shape)}")
+
+
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                    out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
                    B_proj_bias=None, C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1,
@@ -152,6 +200,12 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     convention; -1 marks padding)."""
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl: expected 0 or 1; got {checkpoint_lvl}")
+    _check_args(xz=xz, conv1d_weight=conv1d_weight, conv1d_bias=conv1d_bias,
+                x_proj_weight=x_proj_weight, delta_proj_weight=delta_proj_weight,
+                out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias, A=A, B=B, C=C, D=D,
+                delta_bias=delta_bias, B_proj_bias=B_proj_bias, C_proj_bias=C_proj_bias,
+                b_rms_weight=b_rms_weight, c_rms_weight=c_rms_weight,
+                dt_rms_weight=dt_rms_weight)  # fmt: skip
     if torch.is_autocast_enabled():
         dt = torch.get_autocast_gpu_dtype() if xz.is_cuda else torch.get_autocast_cpu_dtype()
         x_proj_weight, delta_proj_weight, out_proj_weight = (

@@ -7,6 +7,7 @@ import torch
 from .. import _native
 from .._boundary import (
     capsule,
+    check_devices,
     chunk_size_for,
     last_contiguous,
     new_empty,
@@ -319,7 +320,7 @@ def _scan_realigned(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_
         if x is None or x.dim() < 3:
             return x
         rest = x.shape[1:-1]
-        flat = x.movedim(-1, 1).reshape(batch * L, -1)
+        flat = x.movedim(-1, 1).reshape(batch * L, rest.numel())
         flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
         return flat[src].view(batch, new_len, *rest).movedim(1, -1)
 
@@ -401,6 +402,11 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dout, 
 def _numpy_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                    initial_state):  # fmt: skip
     import numpy as np
+
+    for name, x in zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        if x is not None and not isinstance(x, np.ndarray):
+            raise DTypeError(f"{name}: expected a numpy array (u is one) or None; got "
+                             f"{type(x).__name__}")  # fmt: skip
 
     def cap(x):
         if x is None:
@@ -484,6 +490,7 @@ def selective_scan_fn(
         return complex_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       return_last_state, initial_state)  # fmt: skip
     if seq_idx is not None and isinstance(u, torch.Tensor):
+        _check_types((u, delta, A, B, C, D, z, delta_bias, initial_state))
         seq_idx = _prepare_seq(seq_idx, u)
     n_seqs = _num_seqs(seq_idx, initial_state, return_last_state, num_seqs)
     if seq_idx is not None and not tracing():
@@ -537,16 +544,33 @@ def seq_idx_from_cu_seqlens(cu_seqlens, seqlen=None):
     cumulative lengths ``cu_seqlens`` = [0, l0, l0 + l1, ..., total] (flash-attention's and
     vLLM's ``query_start_loc``). Steps past ``cu_seqlens[-1]`` (up to ``seqlen``) get -1
     (padding). No host synchronisation when ``seqlen`` is given."""
+    return _seq_idx_of_starts(cu_seqlens, seqlen, "cu_seqlens")
+
+
+def _seq_idx_of_starts(cu_seqlens, seqlen, name):
+    """seq_idx_from_cu_seqlens with the argument's name for the errors."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = torch.as_tensor(cu_seqlens)
+        try:
+            cu_seqlens = torch.as_tensor(cu_seqlens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DTypeError(f"{name}: expected integers (a tensor or a list); {e}") from None
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ShapeError(
-            f"cu_seqlens: must be 1-D [0, l0, l0 + l1, ...]; got shape {tuple(cu_seqlens.shape)}"
+            f"{name}: must be 1-D [0, l0, l0 + l1, ...]; got shape {tuple(cu_seqlens.shape)}"
         )
-    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
-        raise DTypeError(f"cu_seqlens: expected an integer tensor; got {cu_seqlens.dtype}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise DTypeError(f"{name}: expected an integer tensor; got {cu_seqlens.dtype}")
+    check_devices(**{name: cu_seqlens})
+    if not cu_seqlens.is_cuda:  # checked where it costs no synchronisation
+        if cu_seqlens[0] != 0 or (cu_seqlens[1:] < cu_seqlens[:-1]).any():
+            raise ShapeError(f"{name}: must start at 0 and not decrease; got {cu_seqlens.tolist()}")
     if seqlen is None:
         seqlen = int(cu_seqlens[-1].item())
+    if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 0:
+        raise ShapeError(f"seqlen: must be a non-negative int or None; got {seqlen!r}")
+    if not cu_seqlens.is_cuda and int(cu_seqlens[-1]) > seqlen:
+        raise ShapeError(f"{name}: the sequences end at {int(cu_seqlens[-1])}, past the "
+                         f"{seqlen} steps there are")  # fmt: skip
     pos = torch.arange(seqlen, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     # Sequence of step t: the number of starts cu_seqlens[1:] at or before t.
     idx = torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._boundary import capsule, ensure_cuda_libs, new_empty, require_tensor, stream_of
-from .._native import DeviceError, DTypeError, ShapeError
+from .._boundary import (
+    capsule,
+    check_devices,
+    ensure_cuda_libs,
+    new_empty,
+    require_float,
+    require_tensor,
+    stream_of,
+)
+from .._native import DTypeError, ShapeError
 from .._ops import tracing
 from ..reference import _heads, selective_state_update_ref
 
@@ -58,6 +66,7 @@ def _state_update_impl(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     args = (state, x, dt, A, B, C, D, z, dt_bias)
     for name, t in zip(_NAMES, args):
         require_tensor(t, name, optional=name in ("D", "z", "dt_bias"))
+        require_float(t, name)
     if state_batch_indices is not None and not isinstance(state_batch_indices, torch.Tensor):
         raise DTypeError(
             "state_batch_indices: expected an integer torch.Tensor of shape (batch,) or None; "
@@ -72,9 +81,7 @@ def _state_update_impl(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             "state: must have shape (batch, dim, dstate) or (batch, nheads, dim, dstate); "
             f"got {tuple(state.shape)}"
         )
-    devices = {t.device for t in args if t is not None}
-    if len(devices) > 1:
-        raise DeviceError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+    check_devices(**dict(zip(_NAMES, args)), state_batch_indices=state_batch_indices)
     if state.is_cuda and any(t is not None and t.dtype == torch.float64 for t in args):
         with torch.no_grad():
             return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias,
