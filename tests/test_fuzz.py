@@ -547,6 +547,8 @@ def _check(case, data, mutate):
     try:
         res = case.fn(**ours_kw)
     except TYPED as e:
+        if DEVICE == "cuda" and isinstance(e, DTypeError) and "CPU only" in str(e):
+            return  # float64 runs on the CPU only (as in mamba_ssm, whose kernels have none)
         assert kind != "none", f"{label}: a valid call raised {type(e).__name__}: {e}"
         assert _names_an_argument(str(e), kw), f"{label}: the message names no argument: {e}"
         return

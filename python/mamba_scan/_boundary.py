@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.dlpack import to_dlpack
 
@@ -23,6 +25,8 @@ def stream_of(t: torch.Tensor) -> int:
     """Raw handle of the current CUDA stream of ``t``'s device (0 for CPU tensors)."""
     if not t.is_cuda:
         return 0
+    if _CUDA_PID != os.getpid():
+        _check_not_forked()
     if _RAW_STREAM is not None:
         return _RAW_STREAM(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
@@ -43,6 +47,18 @@ def chunk_size_for(t: torch.Tensor, dstate: int) -> int:
 
 
 _CUDA_LIBS_READY = False
+_CUDA_PID = None  # the process that set CUDA up
+
+
+def _check_not_forked() -> None:
+    """A child forked after its parent used CUDA cannot use CUDA (the driver's state does not
+    survive fork): a clear error instead of a failing or hanging driver call."""
+    if _CUDA_PID is not None and _CUDA_PID != os.getpid():
+        raise _native.CudaError(
+            "CUDA was initialised in the parent process before fork(); a forked child cannot use "
+            "it. Start the workers with the 'spawn' method (multiprocessing.get_context('spawn'), "
+            "or DataLoader(multiprocessing_context='spawn')), or keep the child on the CPU."
+        )
 
 
 def ensure_cuda_libs() -> None:
@@ -52,12 +68,13 @@ def ensure_cuda_libs() -> None:
     the compile worker (src/cuda/compile.rs): a fresh interpreter per kernel compile, so that one
     source gives one cubin on this machine whatever else the process did or the machine's load.
     MAMBA_SCAN_COMPILE_IN_PROCESS=1 compiles in this process instead."""
-    global _CUDA_LIBS_READY
+    global _CUDA_LIBS_READY, _CUDA_PID
     if _CUDA_LIBS_READY:
+        if _CUDA_PID != os.getpid():
+            _check_not_forked()
         return
     import ctypes
     import glob
-    import os
     import sys
 
     found = None
@@ -86,6 +103,7 @@ def ensure_cuda_libs() -> None:
     ):
         _native.set_compile_worker(exe, _native.__file__, found)
     _CUDA_LIBS_READY = True
+    _CUDA_PID = os.getpid()
 
 
 def require_tensor(x, name: str, optional: bool = False):

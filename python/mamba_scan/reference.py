@@ -305,9 +305,13 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
             ],
             dim=-1,
         )
-        ci = torch.remainder(torch.arange(seqlen, device=x.device).unsqueeze(0) + cs, state_len)
+        # Only the last state_len inputs land (scatter_ with repeated indices is undefined on
+        # CUDA): input t goes to (cache_seqlens + t) % state_len.
+        keep = min(seqlen, state_len)
+        t_kept = torch.arange(seqlen - keep, seqlen, device=x.device).unsqueeze(0)
+        ci = torch.remainder(t_kept + cs, state_len)
         new_rows = rows.clone().scatter_(
-            2, ci.unsqueeze(1).expand(-1, dim, -1), x.to(conv_state.dtype)
+            2, ci.unsqueeze(1).expand(-1, dim, -1), x[..., seqlen - keep :].to(conv_state.dtype)
         )
     out = F.conv1d(x_new, weight.unsqueeze(1), bias, padding=0, groups=dim)[:, :, -seqlen:]
     out = out if activation is None else F.silu(out)

@@ -157,7 +157,7 @@ pub fn conv_backward(
         ));
     }
     workspace.require_writable("workspace")?;
-    if p.dim == 0 || p.batch == 0 {
+    if p.dim == 0 {
         return Ok(());
     }
     p.dout = tref(g.dout, "dout")?;
@@ -175,15 +175,18 @@ pub fn conv_backward(
     } else {
         "bwd"
     };
-    launch(
-        Program::Conv1d,
-        ordinal,
-        conv_entry(kind, &p)?,
-        (conv_blocks(&p)?, p.batch as u32, 1),
-        CONV_THREADS as u32,
-        &p,
-        stream,
-    )?;
+    // With batch 0 only the reduce runs: it writes the zero weight and bias gradients.
+    if p.batch > 0 {
+        launch(
+            Program::Conv1d,
+            ordinal,
+            conv_entry(kind, &p)?,
+            (conv_blocks(&p)?, p.batch as u32, 1),
+            CONV_THREADS as u32,
+            &p,
+            stream,
+        )?;
+    }
     let total = p.dim as i64 * (p.width as i64 + 1);
     launch(
         Program::Conv1d,

@@ -566,6 +566,8 @@ def _seq_idx_of_starts(cu_seqlens, seqlen, name):
             raise ShapeError(f"{name}: must start at 0 and not decrease; got {cu_seqlens.tolist()}")
     if seqlen is None:
         seqlen = int(cu_seqlens[-1].item())
+        if seqlen < 0:
+            raise ShapeError(f"{name}: its last entry (the total length) is negative: {seqlen}")
     if not isinstance(seqlen, int) or isinstance(seqlen, bool) or seqlen < 0:
         raise ShapeError(f"seqlen: must be a non-negative int or None; got {seqlen!r}")
     if not cu_seqlens.is_cuda and int(cu_seqlens[-1]) > seqlen:
