@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from ._native import ShapeError
 from .ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_inner import mamba_inner_fn
@@ -63,14 +64,25 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(di, d_model, bias=bias, **fk)
 
-    def forward(self, hidden_states, inference_params=None, seq_idx=None, cu_seqlens=None):
+    def forward(self, hidden_states, inference_params=None, seq_idx=None, cu_seqlens=None,
+                process_group=None):  # fmt: skip
         """hidden_states: (batch, seqlen, d_model) -> same shape.
 
         Packed sequences (training): ``seq_idx`` (batch, seqlen) int32 marks which sequence each
         step belongs to (the conv and the scan restart where it changes; -1 is padding), or
         ``cu_seqlens`` (num_seqs + 1,) gives the cumulative lengths of sequences packed back to
-        back in a batch of one row."""
+        back in a batch of one row.
+
+        Context parallelism: with ``process_group`` (a torch.distributed group), hidden_states
+        is this rank's slice of a sequence split along its length over the group's ranks in
+        rank order; the output is this rank's slice of the whole sequence's output, exact (see
+        ``mamba_scan.distributed``)."""
         batch, seqlen, _ = hidden_states.shape
+        if process_group is not None and (
+            inference_params is not None or seq_idx is not None or cu_seqlens is not None
+        ):
+            raise ValueError("process_group: context parallelism is for training and prefill "
+                             "without inference_params, seq_idx or cu_seqlens")  # fmt: skip
         if cu_seqlens is not None:
             if seq_idx is not None:
                 raise ValueError("seq_idx, cu_seqlens: give one of them, not both")
@@ -91,14 +103,14 @@ class Mamba(nn.Module):
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
-        xz = (self.in_proj.weight @ hidden_states.reshape(-1, self.d_model).t()).view(
-            -1, batch, seqlen
+        xz = (self.in_proj.weight @ hidden_states.reshape(batch * seqlen, self.d_model).t()).view(
+            2 * self.d_inner, batch, seqlen
         )
         xz = xz.transpose(0, 1)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype).view(-1, 1)
         A = -torch.exp(_f32(self.A_log))
-        if self.use_fast_path and inference_params is None:
+        if self.use_fast_path and inference_params is None and process_group is None:
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias,
                                   A, None, None, _f32(self.D),
@@ -107,13 +119,22 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))
+        halo = None
+        if process_group is not None:
+            halo = distributed.conv_halo(x, self.d_conv, process_group)
         x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
-                             activation="silu")  # fmt: skip
-        x_dbl = self.x_proj(x.transpose(1, 2).reshape(-1, self.d_inner))
+                             initial_states=halo, activation="silu")  # fmt: skip
+        x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * seqlen, self.d_inner))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, seqlen).transpose(0, 1)
         B = B.view(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
         C = C.view(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
+        if process_group is not None:
+            y = distributed.context_parallel_scan(
+                x, dt.contiguous(), A, B, C, _f32(self.D), z, _f32(self.dt_proj.bias), True,
+                group=process_group,
+            )  # fmt: skip
+            return self.out_proj(y.transpose(1, 2))
         y = selective_scan_fn(x, dt.contiguous(), A, B, C, _f32(self.D), z=z,
                               delta_bias=_f32(self.dt_proj.bias), delta_softplus=True,
                               return_last_state=ssm_state is not None, seq_idx=seq_idx)  # fmt: skip
