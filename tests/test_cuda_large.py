@@ -4,7 +4,8 @@ The scan over u of (4, 8192, 65600) bf16 (2.15e9 elements) forward and backward,
 decoding step and conv update reading state rows whose offsets pass 2^31 elements. The results
 of channels (and state rows) that lie past 2^31 are checked against the same kernels on a small
 tensor holding only those channels: channels are independent, so any offset truncated to 32
-bits shows up as a difference. Needs a GPU with ~48 GB free (skipped otherwise)."""
+bits shows up as other channels' data (the scan's launches may round a few elements differently
+in the last bf16 place; the state rows must agree bit for bit). Needs a GPU with ~48 GB free (skipped otherwise)."""
 
 import pytest
 import torch
@@ -51,9 +52,14 @@ def test_scan_past_two_to_the_31_elements_forward_and_backward():
     )
     du2, dd2 = torch.autograd.grad(out2, (u2, d2), dout[sl])
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[sl], out2, rtol=0, atol=0)
-    torch.testing.assert_close(du[sl], du2, rtol=0, atol=0)
-    torch.testing.assert_close(ddelta[sl], dd2, rtol=0, atol=0)
+    # The two launches split the channels differently (rounding may differ in the last bf16
+    # place of a few elements); a truncated offset would read other channels' data instead.
+    for name, big, small in (("out", out[sl], out2), ("du", du[sl], du2),
+                             ("ddelta", ddelta[sl], dd2)):  # fmt: skip
+        diff = (big.float() - small.float()).abs()
+        scale = small.float().abs().max().item()
+        assert (diff > 0).float().mean().item() < 1e-3, f"{name}: many elements differ"
+        assert diff.max().item() <= 2**-6 * scale, f"{name}: max difference {diff.max().item()}"
     assert torch.isfinite(dD).all()
 
 

@@ -115,24 +115,42 @@ def test_eight_threads_cuda_own_streams_equal_serial():
         assert all(_same(g, s) for g, s in zip(got, serial))
 
 
-class _ScanDataset(torch.utils.data.Dataset):
+_DATALOADER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_reliability import fwd_bwd
+
+class Items(torch.utils.data.Dataset):
     def __len__(self):
         return 16
 
     def __getitem__(self, i):
         return fwd_bwd(i, dim=8, seqlen=40)[:3]
 
-
-@pytest.mark.skipif(os.name != "posix", reason="fork is POSIX-only")
-def test_dataloader_forked_workers():
-    """A DataLoader with 4 forked workers whose items call the CPU kernels (forward and backward)
-    after the parent used them: every item equals the parent's own result."""
+if __name__ == "__main__":
+    torch.set_num_threads(1)
     want = [fwd_bwd(i, dim=8, seqlen=40)[:3] for i in range(16)]  # the parent uses the kernels
-    dl = torch.utils.data.DataLoader(_ScanDataset(), batch_size=None, num_workers=4,
-                                     multiprocessing_context="fork", timeout=120)  # fmt: skip
+    dl = torch.utils.data.DataLoader(Items(), batch_size=None, num_workers=4,
+                                     multiprocessing_context="fork", timeout=120)
     got = list(dl)
     assert len(got) == 16
-    assert all(_same(g, w) for g, w in zip(got, want))
+    assert all(all(torch.equal(x, y) for x, y in zip(g, w)) for g, w in zip(got, want))
+    print("ok")
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fork is POSIX-only")
+def test_dataloader_forked_workers(tmp_path):
+    """A DataLoader with 4 forked workers whose items call the CPU kernels (forward and backward)
+    after the parent used them: every item equals the parent's own result. In a fresh process:
+    torch's autograd cannot run in a child forked after the parent ran a CUDA backward."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "dataloader_fork.py"
+    script.write_text(_DATALOADER)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(script), here], env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 _FORK_CHILD = r"""
