@@ -122,13 +122,18 @@ pub fn conv_forward(
     } else {
         "fwd"
     };
+    launch_tiles(kind, &p, ordinal, stream)
+}
+
+/// The forward or backward kernel `kind` over (channel tiles x length tiles, batch).
+fn launch_tiles(kind: &str, p: &ConvParams, ordinal: i32, stream: u64) -> Result<()> {
     launch(
         Program::Conv1d,
         ordinal,
-        conv_entry(kind, &p)?,
-        (conv_blocks(&p)?, p.batch as u32, 1),
+        conv_entry(kind, p)?,
+        (conv_blocks(p)?, p.batch as u32, 1),
         CONV_THREADS as u32,
-        &p,
+        p,
         stream,
     )
 }
@@ -177,15 +182,7 @@ pub fn conv_backward(
     };
     // With batch 0 only the reduce runs: it writes the zero weight and bias gradients.
     if p.batch > 0 {
-        launch(
-            Program::Conv1d,
-            ordinal,
-            conv_entry(kind, &p)?,
-            (conv_blocks(&p)?, p.batch as u32, 1),
-            CONV_THREADS as u32,
-            &p,
-            stream,
-        )?;
+        launch_tiles(kind, &p, ordinal, stream)?;
     }
     let total = p.dim as i64 * (p.width as i64 + 1);
     launch(
