@@ -984,21 +984,25 @@ fn write_entry(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// The cache key of a kernel program: its full source, options, architecture and the NVRTC
+/// version that compiles it (an entry of another NVRTC has another name and is never read).
+fn entry_key(src: &str, opts: &str, arch: &str, (maj, min): (i32, i32)) -> u64 {
+    let ver = format!("nvrtc {maj}.{min}");
+    fnv64(&[
+        src.as_bytes(),
+        opts.as_bytes(),
+        arch.as_bytes(),
+        ver.as_bytes(),
+    ])
+}
+
 /// Compile through the disk cache. A missing, unreadable or corrupt entry (checked against the
 /// checksum it carries: a truncated or bit-flipped file) is recompiled and rewritten; the key
 /// covers the source, the options, the architecture and the NVRTC version, so an entry of
 /// another NVRTC is never read.
 pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
-    let (maj, min) = nvrtc_version()?;
-    let ver = format!("nvrtc {maj}.{min}");
     let opts = spec.options(arch).join(" ");
-    let src = spec.source();
-    let key = fnv64(&[
-        src.as_bytes(),
-        opts.as_bytes(),
-        arch.as_bytes(),
-        ver.as_bytes(),
-    ]);
+    let key = entry_key(&spec.source(), &opts, arch, nvrtc_version()?);
     let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", spec.name())));
     if let Some(path) = &path {
         if let Ok(bytes) = std::fs::read(path) {
@@ -1035,6 +1039,24 @@ pub fn compile_cached(spec: &Program, arch: &str) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache entry written under another NVRTC (or another source, options, architecture)
+    /// has another key, so it is never read for this one.
+    #[test]
+    fn cache_key_covers_the_nvrtc_version() {
+        let k = |src: &str, opts: &str, arch: &str, v| entry_key(src, opts, arch, v);
+        let base = k("src", "-O3", "sm_90", (13, 0));
+        assert_eq!(base, k("src", "-O3", "sm_90", (13, 0)));
+        for other in [
+            k("src", "-O3", "sm_90", (13, 2)),
+            k("src", "-O3", "sm_90", (12, 9)),
+            k("src", "-O3", "sm_80", (13, 0)),
+            k("src", "-O2", "sm_90", (13, 0)),
+            k("src ", "-O3", "sm_90", (13, 0)),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 
     /// Compiles one specialisation when libnvrtc is loadable (skips silently otherwise: the
     /// Python test suite runs the full compile check with torch's libnvrtc).
