@@ -18,7 +18,7 @@ index. The property, for every call:
   say it updates.
 
 Derandomised (the same examples on every run); FUZZ_EXAMPLES scales the counts (1.0 by default,
-10,800 calls over the nine functions).
+10,200 calls over the seven functions: the counts in the @fuzz decorators below).
 """
 
 from __future__ import annotations
@@ -641,9 +641,3 @@ def test_fuzz_serving_selective_scan(data):
 @given(st.data())
 def test_fuzz_seq_idx_from_cu_seqlens(data):
     check(data.draw(cu_seqlens_case()), data)
-
-
-def test_fuzz_counts_reach_ten_thousand():
-    """The nine fuzz targets together generate at least 10,000 calls at the default scale."""
-    n = 3000 + 1800 + 1300 + 1500 + 1200 + 1000 + 400
-    assert SCALE < 1 or n >= 10_000
