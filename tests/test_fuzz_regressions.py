@@ -214,3 +214,21 @@ def test_serving_empty_sequence_keeps_its_start_state():
     a = serving_args(lens=(0, 4))
     serving.selective_scan_fn(**a, has_initial_state=torch.tensor([False, True]))
     assert (a["ssm_states"][0] == 0).all()  # empty, started from zero
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_zero_length_writes_final_and_last_states():
+    """Found by the CUDA fuzz run: at seqlen 0 the kernels left the conv's final states and the
+    scan's last state unwritten (NaN-poisoned)."""
+    x, w = r(1, 3, 0).cuda(), r(3, 2).cuda()
+    out, fin = causal_conv1d_fn(x, w, return_final_states=True)
+    assert out.shape == (1, 3, 0) and (fin == 0).all()
+    h0 = r(1, 3, 1).cuda()
+    _, fin = causal_conv1d_fn(x, w, initial_states=h0, return_final_states=True)
+    assert torch.equal(fin, h0)
+    a = {k: v.cuda() for k, v in scan_args(batch=1, L=0).items()}
+    h0 = r(1, 3, 4).cuda()
+    _, last = selective_scan_fn(**a, return_last_state=True, initial_state=h0)
+    assert torch.equal(last, h0)
+    _, last = selective_scan_fn(**a, return_last_state=True)
+    assert (last == 0).all()
