@@ -21,7 +21,7 @@ from .._boundary import (
     require_tensor,
     stream_of,
 )
-from .._native import DTypeError, ShapeError
+from .._native import ShapeError
 from .._ops import tracing
 from ..reference import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -155,10 +155,7 @@ def _check(x, weight, name="x", **optional):
     require_tensor(weight, "weight")
     require_float(x, name)
     for k, t in optional.items():
-        if k.endswith("_out"):
-            continue
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise DTypeError(f"{k}: expected a torch.Tensor or None; got {type(t).__name__}")
+        require_tensor(t, k, optional=True)
     check_devices(**{name: x, "weight": weight}, **optional)
     if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
         raise ShapeError(
@@ -175,8 +172,6 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     require_tensor(x, "x")
     if x.dim() != 3:
         raise ShapeError(f"x: must have shape (batch, dim, seqlen); got {tuple(x.shape)}")
-    if final_states_out is not None and not isinstance(final_states_out, torch.Tensor):
-        raise DTypeError("final_states_out: expected a torch.Tensor or None")
     _check(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
            final_states_out=final_states_out)  # fmt: skip
     check_index(seq_idx, "seq_idx", (x.shape[0], x.shape[2]))

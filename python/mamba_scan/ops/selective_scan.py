@@ -489,7 +489,7 @@ def selective_scan_fn(
         _check_types((u, delta, A, B, C, D, z, delta_bias, initial_state))
         return complex_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       return_last_state, initial_state)  # fmt: skip
-    if isinstance(u, torch.Tensor) and u.is_cuda and u.dim() == 3 and u.shape[-1] == 0:
+    if isinstance(u, torch.Tensor) and u.dim() == 3 and u.shape[2] == 0 and u.is_cuda:
         # No steps: nothing for a kernel to do; the composition gives the empty output and the
         # last state (the initial state, or 0) with their gradients.
         if not tracing() and seq_idx is None:

@@ -8,13 +8,14 @@ from .. import _native
 from .._boundary import (
     capsule,
     check_devices,
+    check_index,
     ensure_cuda_libs,
     new_empty,
     require_float,
     require_tensor,
     stream_of,
 )
-from .._native import DTypeError, ShapeError
+from .._native import ShapeError
 from .._ops import tracing
 from ..reference import _heads, selective_state_update_ref
 
@@ -67,15 +68,7 @@ def _state_update_impl(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     for name, t in zip(_NAMES, args):
         require_tensor(t, name, optional=name in ("D", "z", "dt_bias"))
         require_float(t, name)
-    if state_batch_indices is not None and not isinstance(state_batch_indices, torch.Tensor):
-        raise DTypeError(
-            "state_batch_indices: expected an integer torch.Tensor of shape (batch,) or None; "
-            f"got {type(state_batch_indices).__name__}"
-        )
-    if state_batch_indices is not None and (
-        state_batch_indices.is_floating_point() or state_batch_indices.dim() != 1
-    ):
-        raise DTypeError("state_batch_indices: expected a 1-D integer tensor")
+    check_index(state_batch_indices, "state_batch_indices", x.shape[0])
     if state.dim() not in (3, 4):
         raise ShapeError(
             "state: must have shape (batch, dim, dstate) or (batch, nheads, dim, dstate); "
